@@ -1,0 +1,1 @@
+"""The gRPC contract between coordinator and nodes."""

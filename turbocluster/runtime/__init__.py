@@ -1,0 +1,1 @@
+"""Caches, model loading, nodes and the coordinator."""
