@@ -16,6 +16,8 @@ import math
 
 import mlx.core as mx
 
+from . import fast
+
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 SCALE_MODES = ("norm", "length", "lsq")
@@ -240,18 +242,25 @@ def _encode_rows(x, bits, scale_mode):
     y = _hadamard(x.astype(mx.float32), dim, inverse=False)
     norm = mx.sqrt((y * y).sum(axis=-1, keepdims=True))
     u = y * (math.sqrt(dim) / mx.maximum(norm, 1e-30))
-    idx = _compiled(quantize, ("bits", bits))(u)
-    c = _compiled(lookup, ("bits", bits))(idx)
+    if fast.kernels_for_device() is not None:
+        packed = fast.quantize_pack(u, bits, packed_words(dim, bits))
+        c = fast.dequantize(packed, mx.ones(norm.shape, dtype=mx.float16), bits, dim)
+    else:
+        idx = _compiled(quantize, ("bits", bits))(u)
+        c = _compiled(lookup, ("bits", bits))(idx)
+        packed = _compiled(pack, ("bits", bits))(idx)
     if scale_mode == "norm":
         scale = norm / math.sqrt(dim)
     elif scale_mode == "length":
         scale = norm / mx.maximum(mx.sqrt((c * c).sum(axis=-1, keepdims=True)), 1e-30)
     else:  # lsq: the scale that minimises ||y - scale * c||
         scale = (y * c).sum(axis=-1, keepdims=True) / mx.maximum((c * c).sum(axis=-1, keepdims=True), 1e-30)
-    return _compiled(pack, ("bits", bits))(idx), scale.astype(mx.float16)
+    return packed, scale.astype(mx.float16)
 
 
 def _dequantize_rows(packed, scales, bits, dim):
+    if fast.kernels_for_device() is not None:
+        return fast.dequantize(packed, scales, bits, dim)
     # Unpack and lookup are compiled on their own: fusing the [N, 1] scale
     # broadcast into the select tree makes MLX's CPU kernel several times slower.
     idx = _compiled(unpack, ("bits", bits), ("dim", dim))(packed)

@@ -22,6 +22,7 @@ PROTOCOL_VERSION = 1
 CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default message cap
 MAX_TENSOR_BYTES = 1 << 30  # refuse to build anything bigger from the network
 MAX_RANK = 8
+MAX_DIM = (1 << 31) - 1  # MLX shapes are int32
 
 # dtype code -> (mx dtype, numpy dtype of the raw bytes). Codes are part of the
 # protocol: never renumber, only add.
@@ -60,11 +61,13 @@ def tensor_to_bytes(a):
 
 def tensor_from_bytes(code, shape, data, max_bytes=MAX_TENSOR_BYTES):
     """Build an mx.array from wire parts, checking code, shape and byte count first."""
-    if code not in DTYPES:
-        raise WireError(f"unknown dtype code {code}; known codes are {sorted(DTYPES)}")
+    if type(code) is not int or code not in DTYPES:
+        raise WireError(f"unknown dtype code {code!r}; known codes are {sorted(DTYPES)}")
     shape = tuple(shape)
-    if len(shape) > MAX_RANK or any((not isinstance(d, int)) or d < 0 for d in shape):
-        raise WireError(f"shape {list(shape)} must be at most {MAX_RANK} non-negative ints")
+    if len(shape) > MAX_RANK or any(type(d) is not int or not 0 <= d <= MAX_DIM for d in shape):
+        raise WireError(f"shape {list(shape)} must be at most {MAX_RANK} ints in [0, {MAX_DIM}]")
+    if math.prod(max(d, 1) for d in shape) > max_bytes:  # empty, but absurd in its other dims
+        raise WireError(f"shape {list(shape)} is over the {max_bytes}-byte cap")
     mxd, npd = DTYPES[code]
     expected = math.prod(shape) * npd.itemsize
     if expected > max_bytes:
@@ -115,3 +118,32 @@ def compat_hash(model_identity, protocol_version=PROTOCOL_VERSION, format_versio
     """What two peers must agree on before exchanging tensors: protocol, codec format, model."""
     text = f"turbo-cluster/protocol={protocol_version}/format={format_version}/model={model_identity}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- proto Tensor <-> mx.array (the only place the proto's Tensor is built or read) ---
+
+
+def to_proto(a, with_data=True):
+    """A ``turbocluster.v1.Tensor`` for ``a``; ``with_data=False`` leaves the bytes out (stream header)."""
+    from ..proto import turbo_pb2
+
+    code, shape, data = tensor_to_bytes(a)
+    return turbo_pb2.Tensor(dtype=code, shape=shape, data=data if with_data else b""), data
+
+
+def from_proto(t, data=None, max_bytes=MAX_TENSOR_BYTES):
+    """Build an mx.array from a proto Tensor (``data`` overrides ``t.data`` for chunked payloads)."""
+    return tensor_from_bytes(int(t.dtype), [int(d) for d in t.shape], t.data if data is None else data, max_bytes)
+
+
+def proto_chunks(data, size=CHUNK_BYTES):
+    """``turbocluster.v1.Chunk`` messages over ``data``."""
+    from ..proto import turbo_pb2
+
+    for index, piece, crc in split_chunks(data, size):
+        yield turbo_pb2.Chunk(index=index, data=piece, crc32=crc)
+
+
+def join_proto_chunks(chunks, total_bytes=None, max_bytes=MAX_TENSOR_BYTES):
+    """Reassemble proto Chunks, checking order, checksums and total size."""
+    return join_chunks(((c.index, c.data, c.crc32) for c in chunks), total_bytes, max_bytes)
