@@ -1,19 +1,183 @@
-"""Command-line entry points; thin wrappers over the library."""
+"""Command-line entry points; thin wrappers over the library.
+
+    turbo-node serve [--host H] [--port P] [--model M --layers S:E] [--memory-budget 8G] [--name N]
+    turbo-cluster generate [--nodes h:p,...|--local N] [--prompt TEXT] [--max-tokens N] ...
+    turbo-cluster plan     [--nodes ...|--local N] [--context N] [--json]
+    turbo-cluster nodes    [--discover-timeout S]
+"""
 
 import argparse
+import os
+import re
+import sys
+import time
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text):
+    """``"8G"``, ``"512m"``, ``"1073741824"`` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a byte count like 8G, 512M or 1073741824, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_layers(text):
+    m = re.fullmatch(r"(\d+):(\d+)", text)
+    if not m or int(m.group(1)) >= int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"expected layers as START:END with START < END, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def node_main(argv=None):
     parser = argparse.ArgumentParser(prog="turbo-node", description="Serve a share of a model's layers over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="serve layers (not implemented yet)")
-    parser.parse_args(argv)
-    parser.error("turbo-node serve is not implemented yet")
+    serve = sub.add_parser("serve", help="serve layers until SIGINT/SIGTERM")
+    serve.add_argument("--host", default="0.0.0.0", help="address to bind (default all interfaces)")
+    serve.add_argument("--port", type=int, default=7070, help="port to bind; 0 picks a free one")
+    serve.add_argument("--model", default=None, help="model path or hub id to load at start (default: the bundled model)")
+    serve.add_argument("--layers", type=parse_layers, default=None, help="layers START:END to load at start; "
+                       "without it the node waits for a coordinator's LoadLayers")
+    serve.add_argument("--memory-budget", type=parse_bytes, default=None, help="bytes for weights + KV (e.g. 12G)")
+    serve.add_argument("--name", default=None, help="name to advertise (default: host name)")
+    serve.add_argument("--no-advertise", action="store_true", help="do not advertise with zeroconf")
+    _secret_arg(serve)
+    args = parser.parse_args(argv)
+    from .node import serve as run
+
+    secret = _secret(args)
+    run(args.host, args.port, args.model, args.layers, args.memory_budget, args.name, not args.no_advertise, secret)
+    return 0
+
+
+def _secret_arg(p):
+    p.add_argument("--secret-file", default=None, help="cluster secret file (created 0600 if missing); "
+                   "$TURBO_CLUSTER_SECRET also sets it. Without either, calls are not authenticated")
+
+
+def _secret(args):
+    """The cluster secret from $TURBO_CLUSTER_SECRET or --secret-file, else None (no auth)."""
+    from . import auth
+
+    if args.secret_file or os.environ.get(auth.ENV_SECRET):
+        return auth.load_or_create_secret(args.secret_file)
+    return None
+
+
+def _connect_args(p):
+    p.add_argument("--model", default=None, help="model path or hub id (default: bundled SmolLM2-135M)")
+    p.add_argument("--nodes", default=None, help="comma-separated host:port of nodes, in pipeline order")
+    p.add_argument("--local", type=int, default=None, metavar="N", help="start N local nodes on loopback")
+    p.add_argument("--discover-timeout", type=float, default=2.0, help="seconds to browse zeroconf for nodes")
+    _secret_arg(p)
+
+
+def _cache_args(p):
+    p.add_argument("--kv-bits", type=int, default=None, help="TurboQuant bits for keys and values (default fp16)")
+    p.add_argument("--k-bits", type=int, default=None, help="TurboQuant bits for keys")
+    p.add_argument("--v-bits", type=int, default=None, help="TurboQuant bits for values")
+
+
+def _cache(args):
+    k = args.k_bits if args.k_bits is not None else args.kv_bits
+    v = args.v_bits if args.v_bits is not None else args.kv_bits
+    if (k is None) != (v is None):
+        raise SystemExit(f"give both --k-bits and --v-bits (or --kv-bits), got k={k} v={v}")
+    return {"k_bits": k, "v_bits": v} if k else None
+
+
+def _connect(args):
+    from .coordinator import Cluster
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    return Cluster.connect(args.model, args.nodes, args.local, args.discover_timeout, log=log, secret=_secret(args))
+
+
+def _plan_and_load(cluster, context, cache):
+    plan = cluster.plan(context=context, cache=cache)
+    print(plan.table(), file=sys.stderr, flush=True)
+
+    def progress(address, p):
+        if p.done or p.stage != "load":
+            print(f"  {address}: {p.stage} {p.fraction:.0%} {p.message}", file=sys.stderr, flush=True)
+
+    cluster.load(plan, progress)
+    return plan
 
 
 def cluster_main(argv=None):
     parser = argparse.ArgumentParser(prog="turbo-cluster", description="Generate text over a cluster of turbo-nodes.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("generate", help="generate text (not implemented yet)")
-    parser.parse_args(argv)
-    parser.error("turbo-cluster generate is not implemented yet")
+
+    gen = sub.add_parser("generate", help="plan, load and generate, streaming text to stdout")
+    _connect_args(gen)
+    _cache_args(gen)
+    gen.add_argument("--prompt", default="Hello! Who are you?", help="the user message")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold; 0 = off")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", nargs="*", default=[], help="stop when any of these strings appears")
+    gen.add_argument("--max-context", type=int, default=None, help="positions to reserve (default prompt + max tokens)")
+    gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+
+    pl = sub.add_parser("plan", help="print the layer plan the nodes would get")
+    _connect_args(pl)
+    _cache_args(pl)
+    pl.add_argument("--context", type=int, default=4096, help="context to size the KV estimate for")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    nodes = sub.add_parser("nodes", help="list nodes advertising on the local network")
+    nodes.add_argument("--discover-timeout", type=float, default=2.0)
+
+    args = parser.parse_args(argv)
+    if args.command == "nodes":
+        return _nodes(args)
+    from .coordinator import ClusterError
+    from .discovery import DiscoveryError
+    from .plan import PlanError
+
+    try:
+        if args.command == "plan":
+            with _connect(args) as cluster:
+                plan = cluster.plan(context=args.context, cache=_cache(args))
+                print(plan.to_json() if args.json else plan.table())
+            return 0
+        return _generate(args)
+    except (ClusterError, PlanError, DiscoveryError) as e:
+        print(f"turbo-cluster: {e}", file=sys.stderr)
+        return 1
+
+
+def _nodes(args):
+    from .discovery import browse
+
+    found = browse(args.discover_timeout)
+    if not found:
+        print(f"no node answered within {args.discover_timeout:g} s", file=sys.stderr)
+        return 1
+    for f in found:
+        p = f.properties
+        print(f"{f.name:20s} {f.address:22s} backend={p.get('backend')} memory={int(p.get('memory', 0)) >> 20} MiB "
+              f"protocol={p.get('protocol')} format={p.get('format')} id={p.get('node_id')}")
+    return 0
+
+
+def _generate(args):
+    cache = _cache(args)
+    with _connect(args) as cluster:
+        ids = cluster.encode(args.prompt, chat=not args.no_chat_template)
+        context = args.max_context or len(ids) + args.max_tokens
+        _plan_and_load(cluster, context, cache)
+        t0 = time.perf_counter()
+        for piece in cluster.generate(ids, args.max_tokens, args.temp, args.top_p, args.seed, args.stop, cache):
+            print(piece, end="", flush=True)
+        print()
+        s = cluster.stats
+        print(
+            f"prompt {s.prompt_tokens} tokens in {s.prefill_s:.2f} s; generated {s.generated_tokens} tokens, "
+            f"{s.tokens_per_s:.1f} tokens/s over {len(cluster.clients)} nodes ({time.perf_counter() - t0:.2f} s total)",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,796 @@
+"""A node: serves a contiguous range of a model's layers over gRPC, and the client to call one.
+
+The servicer validates every request before it touches the model, runs all
+MLX work on one model thread (MLX is not run concurrently from gRPC threads),
+keeps per-sequence caches in ``sessions.SessionStore`` and, when a session has
+a next node, forwards each step's hidden state there itself, so a decode step
+is one call from the coordinator that walks the pipeline node to node and
+comes back with the sampled token.
+
+Run it with ``turbo-node serve`` or ``python -m turbocluster.runtime.node serve``.
+"""
+
+import math
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from concurrent import futures
+
+import grpc
+import mlx.core as mx
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from mlx.utils import tree_flatten
+from mlx_lm.sample_utils import apply_top_p
+
+from ..kernels.turboquant import FORMAT_VERSION
+from ..proto import turbo_pb2 as pb
+from ..proto import turbo_pb2_grpc as pb_grpc
+from . import auth, discovery, plan, stage, wire
+from .sessions import Session, SessionError, SessionStore
+
+SERVICE = "turbocluster.v1.Node"
+MD_PROTOCOL, MD_TOKEN, MD_COMPAT = "turbo-protocol", "turbo-token", "turbo-compat"
+MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default cap; payloads above CHUNK_BYTES go by ForwardStream
+MAX_STEP_TOKENS = 8192  # positions in one Forward
+MAX_CONTEXT = 1 << 20
+MAX_TOKENS = 1024  # live handshake tokens; the oldest is forgotten first
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_http_proxy", 0),
+]
+_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # no handshake needed
+
+
+class Refused(Exception):
+    """A request the node will not serve; ``code`` is the grpc.StatusCode to answer with."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def backend():
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def default_memory_budget():
+    """What this machine can give to weights + KV: Metal's recommended working set, else 75% of RAM."""
+    if backend() == "metal":
+        return int(mx.metal.device_info()["max_recommended_working_set_size"])
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class _Gate(grpc.ServerInterceptor):
+    """Refuses, before the body is parsed, calls with a wrong protocol or no valid handshake token."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def intercept_service(self, continuation, details):
+        method = details.method
+        if method.startswith(_OPEN):
+            return continuation(details)
+        md = dict(details.invocation_metadata or ())
+        reason = self.node.check_call(method, md)
+        handler = continuation(details)
+        if reason is None or handler is None:
+            return handler
+        return _refusal(handler, reason)
+
+
+def _refusal(handler, reason):
+    """A handler of the same shape as ``handler`` that aborts without deserialising the request."""
+
+    def abort(request_or_iterator, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
+
+    def abort_stream(request_or_iterator, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
+        yield  # pragma: no cover
+
+    kind = (handler.request_streaming, handler.response_streaming)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[kind]
+    return make(abort_stream if kind[1] else abort)
+
+
+def _status(e):
+    """The gRPC status and message for an error a handler may raise, or None for a bug."""
+    if isinstance(e, Refused):
+        return e.code, str(e)
+    if isinstance(e, SessionError):
+        return getattr(grpc.StatusCode, e.code), str(e)
+    if isinstance(e, wire.WireError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, grpc.RpcError):  # the next node refused or is gone: pass its status on
+        return e.code(), f"next node: {e.details()}"
+    return None
+
+
+def _rpc(fn):
+    """Map the node's refusals to gRPC statuses; anything else is a bug and surfaces as UNKNOWN."""
+
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except (Refused, SessionError, wire.WireError, grpc.RpcError) as e:
+            context.abort(*_status(e))
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+def _rpc_stream(fn):
+    """``_rpc`` for handlers that stream their replies."""
+
+    def wrapper(self, request, context):
+        try:
+            yield from fn(self, request, context)
+        except (Refused, SessionError, wire.WireError, grpc.RpcError) as e:
+            context.abort(*_status(e))
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    """State of one node: its shard, its sessions, the tokens it issued."""
+
+    def __init__(self, name=None, memory_budget=None, secret=None):
+        self.secret = secret  # cluster secret (auth.py); also used to call the next node
+        self.node_id = uuid.uuid4().hex[:12]
+        self.name = name or socket.gethostname().split(".")[0]
+        self.memory_budget = int(memory_budget or default_memory_budget())
+        self.model = None
+        self.desc = None  # loader.describe() of the loaded model
+        self.compat = None
+        self.weights_bytes = 0
+        self.load_state, self.load_fraction, self.load_message = pb.EMPTY, 0.0, "no layers loaded"
+        self.sessions = SessionStore(self.memory_budget)
+        self.tokens = {}  # handshake token -> compat hash it is bound to
+        self._lock = threading.Lock()  # guards the fields above against gRPC threads
+        self._mx = futures.ThreadPoolExecutor(1, thread_name_prefix="mlx")  # the model thread
+        self._next = {}  # (next-node address, model identity) -> NodeClient
+        self._next_lock = threading.Lock()
+
+    # -- gate ---------------------------------------------------------------
+
+    def check_call(self, method, md):
+        """None if the call may proceed, else why not (answered with FAILED_PRECONDITION)."""
+        version = md.get(MD_PROTOCOL)
+        if version != str(wire.PROTOCOL_VERSION):
+            return (
+                f"protocol version mismatch: node speaks turbo-cluster protocol {wire.PROTOCOL_VERSION}, "
+                f"caller sent {version!r} in '{MD_PROTOCOL}' metadata"
+            )
+        if method.endswith("/Handshake"):
+            return None
+        token, compat = md.get(MD_TOKEN), md.get(MD_COMPAT)
+        with self._lock:
+            bound = self.tokens.get(token)
+            current = self.compat
+        if bound is None:
+            return f"no valid handshake token in '{MD_TOKEN}' metadata; call Handshake first"
+        if compat != bound:
+            return f"'{MD_COMPAT}' metadata {compat!r} does not match the handshake's {bound!r}"
+        if bound != current and not method.endswith(("/LoadLayers", "/GetInfo")):
+            if current is None:
+                return "this node has no layers loaded; call LoadLayers"
+            return "the node holds another model than this handshake named; call LoadLayers or handshake again"
+        return None
+
+    def run_on_model_thread(self, fn, *args):
+        return self._mx.submit(fn, *args).result()
+
+    # -- RPCs ---------------------------------------------------------------
+
+    @_rpc
+    def Handshake(self, request, context):
+        if request.protocol_version != wire.PROTOCOL_VERSION:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version mismatch: node {wire.PROTOCOL_VERSION}, caller {request.protocol_version}",
+            )
+        if request.format_version != FORMAT_VERSION:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"TurboQuant format version mismatch: node {FORMAT_VERSION}, caller {request.format_version}",
+            )
+        expected = wire.compat_hash(request.model_identity)
+        if not request.model_identity or request.compat_hash != expected:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"compat_hash {request.compat_hash!r} is not wire.compat_hash of model identity "
+                f"{request.model_identity!r} (expected {expected!r})",
+            )
+        with self._lock:
+            if self.compat is not None and expected != self.compat and not (request.will_load and not len(self.sessions)):
+                raise Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"model mismatch: node {self.name} holds {self.desc['name']} (identity "
+                    f"{self.desc['identity'][:16]}...), caller asked for identity {request.model_identity[:16]}...",
+                )
+            token = secrets.token_hex(16)
+            self.tokens[token] = expected
+            while len(self.tokens) > MAX_TOKENS:  # oldest first: dicts keep insertion order
+                del self.tokens[next(iter(self.tokens))]
+        return pb.HandshakeReply(
+            token=token,
+            protocol_version=wire.PROTOCOL_VERSION,
+            format_version=FORMAT_VERSION,
+            compat_hash=expected,
+            info=self.info(),
+        )
+
+    @_rpc
+    def GetInfo(self, request, context):
+        return self.info()
+
+    def info(self):
+        with self._lock:
+            d, model = self.desc, self.model
+            start, end, total = stage.layer_range(model) if model is not None else (0, 0, 0)
+            free_kv = self.sessions.budget_bytes - self.sessions.reserved()
+            per_pos = self._kv_bytes(1 << 8, {}) >> 8 if model is not None else 0
+            return pb.NodeInfo(
+                node_id=self.node_id,
+                name=self.name,
+                backend=backend(),
+                memory_budget_bytes=self.memory_budget,
+                memory_used_bytes=self.weights_bytes + self.sessions.reserved(),
+                model_name=d["name"] if d else "",
+                model_identity=d["identity"] if d else "",
+                layer_start=start,
+                layer_end=end,
+                num_layers_total=total,
+                is_first=model is not None and start == 0,
+                is_last=model is not None and end == total,
+                hidden_size=d["hidden_size"] if d else 0,
+                vocab_size=d["vocab_size"] if d else 0,
+                sessions=len(self.sessions),
+                protocol_version=wire.PROTOCOL_VERSION,
+                format_version=FORMAT_VERSION,
+                load_state=self.load_state,
+                load_fraction=self.load_fraction,
+                load_message=self.load_message,
+                weights_bytes=self.weights_bytes,
+                max_context=max(free_kv, 0) // per_pos if per_pos else 0,
+            )
+
+    def _progress(self, state, fraction, message):
+        with self._lock:
+            self.load_state, self.load_fraction, self.load_message = state, fraction, message
+
+    @_rpc_stream
+    def LoadLayers(self, request, context):
+        from . import loader
+
+        md = dict(context.invocation_metadata())
+        with self._lock:
+            bound = self.tokens.get(md.get(MD_TOKEN))
+        model_arg = request.model or None
+        yield pb.LoadProgress(fraction=0.0, stage="describe", message=f"describing {request.model or 'default model'}")
+        desc = loader.describe(model_arg)
+        n = desc["num_layers"]
+        start, end = request.layer_start, request.layer_end
+        if not 0 <= start < end <= n:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"layer range {start}:{end} must satisfy 0 <= start < end <= {n}")
+        if wire.compat_hash(desc["identity"]) != bound:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"LoadLayers asked for {desc['name']} (identity {desc['identity'][:16]}...), "
+                "which is not the model this connection's handshake named",
+            )
+        need = plan.weights_bytes(desc, start, end)
+        if need > self.memory_budget:
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"layers {start}:{end} of {desc['name']} need {need} bytes of weights, "
+                f"over node {self.name}'s {self.memory_budget}-byte budget",
+            )
+        if len(self.sessions):
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{len(self.sessions)} live sessions; drop them before reloading")
+        self._progress(pb.LOADING, 0.1, f"loading layers {start}:{end} of {desc['name']}")
+        yield pb.LoadProgress(fraction=0.1, stage="load", message=self.load_message)
+        job = self._mx.submit(self._load, loader, model_arg, start, end)
+        t0 = time.monotonic()
+        while True:
+            try:
+                model = job.result(timeout=0.5)
+                break
+            except futures.TimeoutError:
+                # No finer progress from the loader; report that it is alive.
+                f = min(0.9, 0.1 + 0.8 * (1 - math.exp(-(time.monotonic() - t0) / 10)))
+                yield pb.LoadProgress(fraction=f, stage="load", message=f"loading ({time.monotonic() - t0:.1f} s)")
+            except (ValueError, OSError, KeyError) as e:  # a bad model path or file: the caller's problem
+                self._progress(pb.FAILED, 0.0, f"load failed: {e}")
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"could not load {request.model or 'default model'}: {e}")
+        weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        with self._lock:
+            self.model, self.desc, self.weights_bytes = model, desc, weights
+            self.compat = wire.compat_hash(desc["identity"])
+            self.sessions.budget_bytes = self.memory_budget - weights
+            # tokens bound to another model can no longer be used
+            self.tokens = {t: c for t, c in self.tokens.items() if c == self.compat}
+        self._progress(pb.READY, 1.0, f"layers {start}:{end} of {desc['name']} ready")
+        yield pb.LoadProgress(fraction=1.0, stage="ready", message=self.load_message, done=True, info=self.info())
+
+    def _load(self, loader, model_arg, start, end):
+        model, _ = loader.load(model_arg, layers=(start, end))
+        mx.eval(model.parameters())
+        return model
+
+    def _kv_bytes(self, max_context, cache):
+        """KV bytes this node's layers need for ``max_context`` positions (sliding layers capped at their window)."""
+        d = self.desc
+        total = 0
+        for w in stage.sliding_windows(self.model):
+            positions = min(max_context, w) if w else max_context
+            total += plan.kv_bytes(1, d["num_kv_heads"], d["head_dim"], positions, cache)
+        return total
+
+    def _need_model(self):
+        model = self.model
+        if model is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} has no layers loaded; call LoadLayers")
+        return model
+
+    @_rpc
+    def CreateSession(self, request, context):
+        model = self._need_model()
+        if not 0 < request.max_context <= MAX_CONTEXT:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"max_context must be in 1..{MAX_CONTEXT}, got {request.max_context}")
+        cache = {}
+        c = request.cache
+        if c.k_bits or c.v_bits:
+            if not (c.k_bits and c.v_bits):
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"give both k_bits and v_bits, got {c.k_bits}/{c.v_bits}")
+            cache = {"k_bits": c.k_bits, "v_bits": c.v_bits, "fp16_layers": c.fp16_layers, "quantized_start": c.quantized_start}
+        s = request.sampling
+        if not (math.isfinite(s.temperature) and s.temperature >= 0 and 0 <= s.top_p <= 1):
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"sampling needs temperature >= 0 and 0 <= top_p <= 1, got {s.temperature}, {s.top_p}",
+            )
+        if request.next_address and stage.is_last(model):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the last node of the model cannot have a next node")
+        try:
+            caches = self.run_on_model_thread(stage.make_caches, model, cache)
+        except ValueError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"cache config {cache}: {e}")
+        session = Session(
+            session_id=request.session_id,
+            max_context=request.max_context,
+            caches=caches,
+            cache_config=cache,
+            kv_bytes_reserved=self._kv_bytes(request.max_context, cache),
+            next_address=request.next_address,
+            sampling={"temperature": s.temperature, "top_p": s.top_p},
+            rng_state=self.run_on_model_thread(mx.random.key, s.seed if s.HasField("seed") else secrets.randbits(63)),
+        )
+        self.sessions.add(session)
+        return self._session_info(session)
+
+    def _session_info(self, s):
+        c = s.cache_config
+        return pb.SessionInfo(
+            session_id=s.session_id,
+            offset=s.offset,
+            max_context=s.max_context,
+            cache=pb.CacheConfig(
+                k_bits=c.get("k_bits", 0),
+                v_bits=c.get("v_bits", 0),
+                fp16_layers=c.get("fp16_layers", 0),
+                quantized_start=c.get("quantized_start", 0),
+            ),
+            kv_bytes_reserved=s.kv_bytes_reserved,
+            kv_bytes_used=s.kv_bytes_used(),
+            next_address=s.next_address,
+            created_unix=s.created,
+        )
+
+    def _input(self, model, request, data=None):
+        """Validate the step's input against this shard: ``(build, positions, bytes_in)``.
+
+        ``build()`` makes the mx.array; it runs on the model thread because MLX
+        streams belong to the thread that made them.
+        """
+        kind = request.WhichOneof("input")
+        first = stage.is_first(model)
+        if kind == "tokens":
+            if not first:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "token ids go to the first node; this node takes hidden states")
+            ids = list(request.tokens.ids)
+            if not 0 < len(ids) <= MAX_STEP_TOKENS:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"a step takes 1..{MAX_STEP_TOKENS} tokens, got {len(ids)}")
+            vocab = self.desc["vocab_size"]
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"token ids {bad[:5]} out of vocabulary [0, {vocab})")
+            return (lambda: mx.array([ids], dtype=mx.int32)), len(ids), 4 * len(ids)
+        if kind == "hidden":
+            if first:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the first node takes token ids, not hidden states")
+            t = request.hidden
+            shape = list(t.shape)
+            hidden = self.desc["hidden_size"]
+            if len(shape) != 3 or shape[0] != 1 or shape[2] != hidden or not 0 < shape[1] <= MAX_STEP_TOKENS:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"hidden state must have shape [1, L, {hidden}] with 1 <= L <= {MAX_STEP_TOKENS}, got {shape}",
+                )
+            if t.dtype not in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16):
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"hidden state must be float32/float16/bfloat16, got dtype {t.dtype}")
+            raw = t.data if data is None else data
+            expected = math.prod(shape) * wire.DTYPES[t.dtype][1].itemsize
+            if len(raw) != expected:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"hidden state of shape {shape} needs {expected} bytes, got {len(raw)}"
+                )
+            return (lambda: wire.from_proto(t, raw)), shape[1], len(raw)
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a Forward needs tokens or a hidden tensor")
+
+    @_rpc
+    def Forward(self, request, context):
+        return self._forward(request, None, context)
+
+    @_rpc
+    def ForwardStream(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "ForwardStream must start with a header message")
+        total = first.payload_bytes
+        if total > wire.MAX_TENSOR_BYTES:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"payload of {total} bytes is over the {wire.MAX_TENSOR_BYTES}-byte cap")
+
+        def chunks():
+            if first.HasField("chunk"):
+                yield first.chunk
+            for m in request_iterator:
+                if not m.HasField("chunk"):
+                    raise wire.WireError("every ForwardStream message after the header must carry a chunk")
+                yield m.chunk
+
+        data = wire.join_proto_chunks(chunks(), total_bytes=total)
+        return self._forward(first.header, data, context)
+
+    def _forward(self, request, data, context):
+        t0 = time.perf_counter()
+        model = self._need_model()
+        session = self.sessions.get(request.session_id)
+        build, positions, nbytes = self._input(model, request, data)
+        want = request.want or pb.TOKEN
+        last = stage.is_last(model)
+        onward = want != pb.HIDDEN and bool(session.next_address)
+        if not onward and not last and want in (pb.LOGITS, pb.TOKEN):
+            start, end, total = stage.layer_range(model)
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node holds layers {start}:{end} of {total} and the session has no next node; "
+                "only the last node returns logits or tokens",
+            )
+        with session.lock:
+            if session.offset + positions > session.max_context:
+                raise Refused(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"session {session.session_id} holds {session.offset} positions; {positions} more "
+                    f"would pass its max_context {session.max_context}",
+                )
+            out = self.run_on_model_thread(self._step, model, session, build, want, onward)
+            t1 = time.perf_counter()
+            if onward:
+                t, raw = out
+                reply = self._forward_next(session, t, raw, want)
+            else:
+                reply = pb.ForwardReply(offset=session.offset)
+                if want == pb.HIDDEN:
+                    t, raw = out
+                    if len(raw) > wire.CHUNK_BYTES:
+                        raise Refused(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"hidden reply of {len(raw)} bytes is over {wire.CHUNK_BYTES}; send fewer positions per step",
+                        )
+                    t.data = raw
+                    reply.hidden.CopyFrom(t)
+                elif want == pb.LOGITS:
+                    t, raw = out
+                    t.data = raw
+                    reply.logits.CopyFrom(t)
+                elif want == pb.TOKEN:
+                    reply.token = out
+        hop = pb.Hop(
+            node_id=self.node_id,
+            compute_ms=(t1 - t0) * 1e3,
+            total_ms=(time.perf_counter() - t0) * 1e3,
+            bytes_in=nbytes,
+        )
+        reply.hops.insert(0, hop)
+        return reply
+
+    def _step(self, model, session, build, want, onward):
+        """Model thread: run the shard on the input and produce what the step asks for.
+
+        Tensors come back as ``(proto header, raw bytes)``, serialised here on the model thread.
+        """
+        caches = session.caches
+        x = build()
+        h = stage.embed(model, x) if stage.is_first(model) else x
+        h = stage.run_layers(model, h, caches, overlap=True)
+        if onward or want == pb.HIDDEN:
+            mx.eval(h, [c.state for c in caches])
+            return wire.to_proto(h, with_data=False)
+        if want == pb.NONE:
+            mx.eval([c.state for c in caches])
+            return None
+        logits = stage.head(model, h)[:, -1, :]
+        if want == pb.LOGITS:
+            return wire.to_proto(logits[0], with_data=False)
+        # What mlx_lm.generate_step does with the last position's logits.
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        s = session.sampling
+        if s["temperature"] == 0:
+            token = mx.argmax(logprobs, axis=-1)
+        else:
+            if 0 < s["top_p"] < 1:
+                logprobs = apply_top_p(logprobs, s["top_p"])
+            session.rng_state, key = mx.random.split(session.rng_state)
+            token = mx.random.categorical(logprobs * (1 / s["temperature"]), key=key)
+        return int(token.item())
+
+    def _forward_next(self, session, t, raw, want):
+        """Send the step on to the session's next node; re-handshake once if that node was reloaded."""
+        for attempt in (0, 1):
+            client = self._next_client(session.next_address, fresh=attempt == 1)
+            try:
+                return client.forward_tensor(session.session_id, t, raw, want)
+            except grpc.RpcError as e:
+                # refused at the gate (so nothing ran there): our token predates its last load
+                if attempt or e.code() != grpc.StatusCode.FAILED_PRECONDITION or "andshake" not in e.details():
+                    raise
+
+    def _next_client(self, address, fresh=False):
+        key = (address, self.desc["identity"])
+        with self._next_lock:
+            client = None if fresh else self._next.get(key)
+            if client is None:
+                try:
+                    client = NodeClient(
+                        address, self.desc["identity"], client_name=f"{self.name} (next hop)", secret=self.secret
+                    )
+                except grpc.RpcError as e:
+                    raise Refused(grpc.StatusCode.UNAVAILABLE, f"next node {address}: {e.code().name}: {e.details()}")
+                old = self._next.pop(key, None)
+                if old is not None:
+                    old.close()
+                self._next[key] = client
+            return client
+
+    @_rpc
+    def Trim(self, request, context):
+        self._need_model()
+        session = self.sessions.get(request.session_id)
+        with session.lock:
+            if request.count > session.offset:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"cannot trim {request.count} positions from a session holding {session.offset}",
+                )
+            if not all(c.is_trimmable() for c in session.caches):
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this session's caches cannot be trimmed (a sliding window wrapped)")
+            self.run_on_model_thread(lambda: [c.trim(request.count) for c in session.caches])
+            return self._session_info(session)
+
+    @_rpc
+    def DropSession(self, request, context):
+        s = self.sessions.drop(request.session_id)
+        return pb.DropSessionReply(bytes_freed=s.kv_bytes_reserved)
+
+    @_rpc
+    def ListSessions(self, request, context):
+        return pb.ListSessionsReply(sessions=[self._session_info(s) for s in self.sessions.list()])
+
+    def close(self):
+        with self._next_lock:
+            for c in self._next.values():
+                c.close()
+            self._next.clear()
+        self._mx.shutdown(wait=False)
+
+
+def make_server(servicer, host="127.0.0.1", port=0, max_workers=16):
+    """A started gRPC server with the node, health and reflection services; returns (server, port).
+
+    With ``servicer.secret`` set, every call but health checks must carry an
+    ``auth.py`` credential (UNAUTHENTICATED otherwise), checked before the handshake gate.
+    """
+    gates = ([auth.AuthInterceptor(servicer.secret)] if servicer.secret else []) + [_Gate(servicer)]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=gates,
+        options=CHANNEL_OPTIONS,
+    )
+    pb_grpc.add_NodeServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    names = (pb.DESCRIPTOR.services_by_name["Node"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    server.start()
+    server.health = health_servicer
+    return server, bound
+
+
+def serve(host="127.0.0.1", port=0, model=None, layers=None, memory_budget=None, name=None, advertise=True, secret=None):
+    """Run a node until SIGINT/SIGTERM: load ``layers`` of ``model`` if given, serve, advertise, withdraw."""
+    warning = auth.warn_if_exposed(host, secret)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    servicer = NodeServicer(name=name, memory_budget=memory_budget, secret=secret)
+    if layers is not None:
+        from . import loader
+
+        desc = loader.describe(model)
+        m = servicer.run_on_model_thread(servicer._load, loader, model, *layers)
+        servicer.model, servicer.desc = m, desc
+        servicer.weights_bytes = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
+        servicer.compat = wire.compat_hash(desc["identity"])
+        servicer.sessions.budget_bytes = servicer.memory_budget - servicer.weights_bytes
+        servicer._progress(pb.READY, 1.0, f"layers {layers[0]}:{layers[1]} of {desc['name']} ready")
+    server, bound = make_server(servicer, host, port)
+    mode = "authenticated" if secret else "no auth"
+    print(f"turbo-node {servicer.name} ({servicer.node_id}) serving on {host}:{bound} ({mode})", flush=True)
+    handle = None
+    if advertise:
+        props = {
+            "node_id": servicer.node_id,
+            "protocol": wire.PROTOCOL_VERSION,
+            "format": FORMAT_VERSION,
+            "backend": backend(),
+            "memory": servicer.memory_budget,
+            "port": bound,
+        }
+        handle = discovery.advertise(servicer.name, host, bound, props)
+        print(f"advertised as {handle[1].name}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    server.health.enter_graceful_shutdown()
+    discovery.withdraw(handle)
+    server.stop(grace=1.0).wait()
+    servicer.close()
+    print(f"turbo-node {servicer.name} stopped", flush=True)
+
+
+# --------------------------------------------------------------------------- client
+
+
+class NodeClient:
+    """One handshaken connection to a node. Failed calls raise grpc.RpcError with the node's status."""
+
+    def __init__(self, address, model_identity, client_name="coordinator", timeout=10.0, will_load=False, secret=None):
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        calls = auth.authenticated_channel(self.channel, secret) if secret else self.channel
+        self.stub = pb_grpc.NodeStub(calls)
+        self.compat = wire.compat_hash(model_identity)
+        try:
+            reply = self.stub.Handshake(
+                pb.HandshakeRequest(
+                    protocol_version=wire.PROTOCOL_VERSION,
+                    format_version=FORMAT_VERSION,
+                    model_identity=model_identity,
+                    compat_hash=self.compat,
+                    client_name=client_name,
+                    will_load=will_load,
+                ),
+                metadata=((MD_PROTOCOL, str(wire.PROTOCOL_VERSION)),),
+                timeout=timeout,
+                wait_for_ready=True,
+            )
+        except grpc.RpcError:
+            self.channel.close()
+            raise
+        self.token = reply.token
+        self.handshake = reply
+        self.metadata = (
+            (MD_PROTOCOL, str(wire.PROTOCOL_VERSION)),
+            (MD_TOKEN, reply.token),
+            (MD_COMPAT, self.compat),
+        )
+
+    def info(self):
+        return self.stub.GetInfo(pb.InfoRequest(), metadata=self.metadata)
+
+    def load(self, model, start, end, progress=None):
+        """LoadLayers; ``progress(LoadProgress)`` sees every message. Returns the final NodeInfo."""
+        last = None
+        for p in self.stub.LoadLayers(pb.LoadRequest(model=model or "", layer_start=start, layer_end=end), metadata=self.metadata):
+            last = p
+            if progress:
+                progress(p)
+        if last is None or not last.done:
+            raise RuntimeError(f"node {self.address} ended LoadLayers without a done message")
+        return last.info
+
+    def create_session(self, session_id, max_context, cache=None, next_address="", temperature=0.0, top_p=0.0, seed=None):
+        cache = cache or {}
+        sampling = pb.Sampling(temperature=temperature, top_p=top_p)
+        if seed is not None:
+            sampling.seed = seed
+        return self.stub.CreateSession(
+            pb.CreateSessionRequest(
+                session_id=session_id,
+                max_context=max_context,
+                cache=pb.CacheConfig(**{k: v for k, v in cache.items() if v}),
+                next_address=next_address,
+                sampling=sampling,
+            ),
+            metadata=self.metadata,
+        )
+
+    def forward(self, session_id, tokens=None, hidden=None, want=pb.TOKEN):
+        """One step with token ids or an mx.array hidden state (made on the calling thread)."""
+        if tokens is not None:
+            request = pb.ForwardRequest(session_id=session_id, want=want)
+            request.tokens.ids.extend(tokens)
+            return self.stub.Forward(request, metadata=self.metadata)
+        return self.forward_tensor(session_id, *wire.to_proto(hidden, with_data=False), want)
+
+    def forward_tensor(self, session_id, t, raw, want=pb.TOKEN):
+        """One step with a serialised hidden state; payloads above CHUNK_BYTES go by ForwardStream."""
+        request = pb.ForwardRequest(session_id=session_id, want=want)
+        if len(raw) <= wire.CHUNK_BYTES:
+            t.data = raw
+            request.hidden.CopyFrom(t)
+            return self.stub.Forward(request, metadata=self.metadata)
+        request.hidden.CopyFrom(t)
+
+        def messages():
+            yield pb.ForwardChunk(header=request, payload_bytes=len(raw))
+            for c in wire.proto_chunks(raw):
+                yield pb.ForwardChunk(chunk=c)
+
+        return self.stub.ForwardStream(messages(), metadata=self.metadata)
+
+    def trim(self, session_id, count):
+        return self.stub.Trim(pb.TrimRequest(session_id=session_id, count=count), metadata=self.metadata)
+
+    def drop(self, session_id):
+        return self.stub.DropSession(pb.DropSessionRequest(session_id=session_id), metadata=self.metadata)
+
+    def sessions(self):
+        return list(self.stub.ListSessions(pb.ListSessionsRequest(), metadata=self.metadata).sessions)
+
+    def close(self):
+        self.channel.close()
+
+
+if __name__ == "__main__":
+    from .cli import node_main
+
+    sys.exit(node_main())

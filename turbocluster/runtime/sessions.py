@@ -1,0 +1,100 @@
+"""Per-sequence state on a node: the KV caches of its layers, keyed by session id.
+
+A plain store guarded by one lock. The node's gRPC handlers look sessions up
+here; only the model thread touches a session's caches. Export and import of
+packed KV (next issue) belong here too: they read and replace ``Session.caches``.
+"""
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+
+class SessionError(Exception):
+    """A session request that cannot be honoured; ``code`` names the gRPC status."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Session:
+    session_id: str
+    max_context: int
+    caches: list
+    cache_config: dict = field(default_factory=dict)  # {"k_bits", "v_bits", ...}; empty = fp16
+    kv_bytes_reserved: int = 0
+    next_address: str = ""
+    sampling: dict = field(default_factory=dict)  # {"temperature", "top_p", "seed"}
+    rng_state: object = None  # this session's mx.random key (last node, when sampling)
+    created: float = field(default_factory=time.time)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def offset(self):
+        return self.caches[0].offset if self.caches else 0
+
+    def kv_bytes_used(self):
+        return sum(c.nbytes for c in self.caches)
+
+
+class SessionStore:
+    """Sessions by id, with the KV memory they reserve counted against a budget."""
+
+    def __init__(self, budget_bytes):
+        self.budget_bytes = budget_bytes  # bytes available for KV (memory budget minus weights)
+        self._sessions = {}
+        self._lock = threading.Lock()
+
+    def reserved(self):
+        with self._lock:
+            return sum(s.kv_bytes_reserved for s in self._sessions.values())
+
+    def add(self, session):
+        """Insert ``session`` if its id is free and its reservation fits the budget."""
+        with self._lock:
+            if not session.session_id:
+                session.session_id = uuid.uuid4().hex
+            if session.session_id in self._sessions:
+                raise SessionError("ALREADY_EXISTS", f"session {session.session_id!r} already exists")
+            used = sum(s.kv_bytes_reserved for s in self._sessions.values())
+            free = self.budget_bytes - used
+            if session.kv_bytes_reserved > free:
+                raise SessionError(
+                    "RESOURCE_EXHAUSTED",
+                    f"session needs {session.kv_bytes_reserved} bytes of KV for {session.max_context} positions, "
+                    f"but only {max(free, 0)} of the {self.budget_bytes}-byte KV budget are free "
+                    f"({len(self._sessions)} live sessions hold {used})",
+                )
+            self._sessions[session.session_id] = session
+            return session
+
+    def get(self, session_id):
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            raise SessionError("NOT_FOUND", f"no session {session_id!r} on this node")
+        return s
+
+    def drop(self, session_id):
+        with self._lock:
+            s = self._sessions.pop(session_id, None)
+        if s is None:
+            raise SessionError("NOT_FOUND", f"no session {session_id!r} on this node")
+        return s
+
+    def drop_all(self):
+        with self._lock:
+            dropped = list(self._sessions.values())
+            self._sessions.clear()
+        return dropped
+
+    def list(self):
+        with self._lock:
+            return list(self._sessions.values())
+
+    def __len__(self):
+        with self._lock:
+            return len(self._sessions)
