@@ -317,3 +317,95 @@ class ListSessionsReply(_message.Message):
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id", "layer_start", "layer_end", "keep_prefill", "from_token")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    FROM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    layer_start: int
+    layer_end: int
+    keep_prefill: bool
+    from_token: int
+    def __init__(self, session_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., keep_prefill: _Optional[bool] = ..., from_token: _Optional[int] = ...) -> None: ...
+
+class SessionHeader(_message.Message):
+    __slots__ = ("total_bytes", "session_id", "next_address", "model_identity", "layer_start", "layer_end", "num_tokens", "format_version", "container_version", "cache", "stage", "append")
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    total_bytes: int
+    session_id: str
+    next_address: str
+    model_identity: str
+    layer_start: int
+    layer_end: int
+    num_tokens: int
+    format_version: int
+    container_version: int
+    cache: CacheConfig
+    stage: bool
+    append: bool
+    def __init__(self, total_bytes: _Optional[int] = ..., session_id: _Optional[str] = ..., next_address: _Optional[str] = ..., model_identity: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_tokens: _Optional[int] = ..., format_version: _Optional[int] = ..., container_version: _Optional[int] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ..., stage: _Optional[bool] = ..., append: _Optional[bool] = ...) -> None: ...
+
+class SessionChunk(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: SessionHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[SessionHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class PushSessionRequest(_message.Message):
+    __slots__ = ("session_id", "layer_start", "layer_end", "target_address", "target_session_id", "next_address", "keep_prefill", "stage", "from_token")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    FROM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    layer_start: int
+    layer_end: int
+    target_address: str
+    target_session_id: str
+    next_address: str
+    keep_prefill: bool
+    stage: bool
+    from_token: int
+    def __init__(self, session_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., target_address: _Optional[str] = ..., target_session_id: _Optional[str] = ..., next_address: _Optional[str] = ..., keep_prefill: _Optional[bool] = ..., stage: _Optional[bool] = ..., from_token: _Optional[int] = ...) -> None: ...
+
+class PushSessionReply(_message.Message):
+    __slots__ = ("session", "container_bytes", "export_ms", "transfer_ms")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    container_bytes: int
+    export_ms: float
+    transfer_ms: float
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., container_bytes: _Optional[int] = ..., export_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ...) -> None: ...
+
+class RerouteSessionRequest(_message.Message):
+    __slots__ = ("session_id", "next_address")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    next_address: str
+    def __init__(self, session_id: _Optional[str] = ..., next_address: _Optional[str] = ...) -> None: ...

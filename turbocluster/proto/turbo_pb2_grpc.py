@@ -81,6 +81,26 @@ class NodeStub:
                 request_serializer=turbo__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=turbo__pb2.ListSessionsReply.FromString,
                 _registered_method=True)
+        self.ExportSession = channel.unary_stream(
+                '/turbocluster.v1.Node/ExportSession',
+                request_serializer=turbo__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=turbo__pb2.SessionChunk.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.stream_unary(
+                '/turbocluster.v1.Node/ImportSession',
+                request_serializer=turbo__pb2.SessionChunk.SerializeToString,
+                response_deserializer=turbo__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.PushSession = channel.unary_unary(
+                '/turbocluster.v1.Node/PushSession',
+                request_serializer=turbo__pb2.PushSessionRequest.SerializeToString,
+                response_deserializer=turbo__pb2.PushSessionReply.FromString,
+                _registered_method=True)
+        self.RerouteSession = channel.unary_unary(
+                '/turbocluster.v1.Node/RerouteSession',
+                request_serializer=turbo__pb2.RerouteSessionRequest.SerializeToString,
+                response_deserializer=turbo__pb2.SessionInfo.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -148,9 +168,41 @@ class NodeServicer:
 
     def ListSessions(self, request, context):
         """All live sessions on this node.
-        Reserved for the next protocol revision (not implemented in v1):
-        rpc ExportSession(ExportSessionRequest) returns (stream SessionChunk);
-        rpc ImportSession(stream SessionChunk) returns (SessionInfo);
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """Stream a session's caches for a layer range as a session container
+        (docs/session-format.md): a SessionHeader, then crc32-checked chunks. The
+        session is only read and keeps serving. See docs/migration.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request_iterator, context):
+        """Receive a session container: a SessionHeader (checked before any chunk is
+        read), then chunks. The session is installed only after every chunk, the
+        container's sha256, its meta and every cache check out; otherwise nothing is.
+        DATA_LOSS: corrupted or truncated stream; FAILED_PRECONDITION: another model,
+        codec version, container version or layer range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushSession(self, request, context):
+        """Export a session's layers straight into another node's ImportSession (node to
+        node, not through the caller). The session stays here; the caller drops it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerouteSession(self, request, context):
+        """Point a session's hidden states at another next node (after a migration).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -203,6 +255,26 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=turbo__pb2.ListSessionsRequest.FromString,
                     response_serializer=turbo__pb2.ListSessionsReply.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=turbo__pb2.ExportSessionRequest.FromString,
+                    response_serializer=turbo__pb2.SessionChunk.SerializeToString,
+            ),
+            'ImportSession': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=turbo__pb2.SessionChunk.FromString,
+                    response_serializer=turbo__pb2.SessionInfo.SerializeToString,
+            ),
+            'PushSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushSession,
+                    request_deserializer=turbo__pb2.PushSessionRequest.FromString,
+                    response_serializer=turbo__pb2.PushSessionReply.SerializeToString,
+            ),
+            'RerouteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerouteSession,
+                    request_deserializer=turbo__pb2.RerouteSessionRequest.FromString,
+                    response_serializer=turbo__pb2.SessionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -450,6 +522,114 @@ class Node:
             '/turbocluster.v1.Node/ListSessions',
             turbo__pb2.ListSessionsRequest.SerializeToString,
             turbo__pb2.ListSessionsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/turbocluster.v1.Node/ExportSession',
+            turbo__pb2.ExportSessionRequest.SerializeToString,
+            turbo__pb2.SessionChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/turbocluster.v1.Node/ImportSession',
+            turbo__pb2.SessionChunk.SerializeToString,
+            turbo__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turbocluster.v1.Node/PushSession',
+            turbo__pb2.PushSessionRequest.SerializeToString,
+            turbo__pb2.PushSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerouteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turbocluster.v1.Node/RerouteSession',
+            turbo__pb2.RerouteSessionRequest.SerializeToString,
+            turbo__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,9 +4,14 @@
     turbo-cluster generate [--nodes h:p,...|--local N] [--prompt TEXT] [--max-tokens N] ...
     turbo-cluster plan     [--nodes ...|--local N] [--context N] [--json]
     turbo-cluster nodes    [--discover-timeout S]
+    turbo-cluster sessions [--nodes ...] [--json]
+    turbo-cluster migrate  [--nodes ...] --session ID --layers S:E --to HOST:PORT
+    turbo-cluster snapshot [--nodes ...] [--session ID] --out PATH
+    turbo-cluster restore  [--nodes ...] PATH [--session-id ID]
 """
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -43,12 +48,49 @@ def node_main(argv=None):
     serve.add_argument("--name", default=None, help="name to advertise (default: host name)")
     serve.add_argument("--no-advertise", action="store_true", help="do not advertise with zeroconf")
     _secret_arg(serve)
+    _tls_args(serve, server=True)
+    serve.add_argument("--session-ttl", type=float, default=1800.0, metavar="SECONDS",
+                       help="free a session idle for this long (default 1800; 0 = never)")
+    serve.add_argument("--faults", default=None, help="inject faults for testing, e.g. drop:7,delay:5:0.2,corrupt:11 "
+                       "(also $TURBO_FAULTS; see turbocluster/runtime/faults.py)")
     args = parser.parse_args(argv)
+    from . import faults
     from .node import serve as run
 
     secret = _secret(args)
-    run(args.host, args.port, args.model, args.layers, args.memory_budget, args.name, not args.no_advertise, secret)
+    if args.session_ttl < 0:
+        raise SystemExit(f"--session-ttl must be >= 0 seconds, got {args.session_ttl}")
+    try:
+        injected = faults.parse(args.faults if args.faults is not None else os.environ.get(faults.ENV, ""))
+    except ValueError as e:
+        raise SystemExit(f"turbo-node: {e}")
+    run(args.host, args.port, args.model, args.layers, args.memory_budget, args.name, not args.no_advertise, secret,
+        session_ttl=args.session_ttl, tls=_tls(args, server=True), faults=injected)
     return 0
+
+
+def _tls_args(p, server=False):
+    p.add_argument("--tls-cert", default=None, help="PEM certificate this node serves with" if server
+                   else "PEM client certificate to present to nodes (mTLS)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", default=None, help="PEM CA certificate: " + (
+        "require client certificates it signed (mTLS), and trust it when calling the next node" if server
+        else "trust node certificates it signed"))
+
+
+def _tls(args, server=False):
+    """``{"cert", "key", "ca"}`` from the --tls-* options, or None when none is given."""
+    cert, key, ca = args.tls_cert, args.tls_key, args.tls_ca
+    if not (cert or key or ca):
+        return None
+    if (cert is None) != (key is None):
+        raise SystemExit(f"give both --tls-cert and --tls-key, got cert={cert!r} key={key!r}")
+    if server and cert is None:
+        raise SystemExit("serving TLS needs --tls-cert and --tls-key")
+    for path in (cert, key, ca):
+        if path and not os.path.exists(path):
+            raise SystemExit(f"TLS file {path} not found")
+    return {"cert": cert, "key": key, "ca": ca}
 
 
 def _secret_arg(p):
@@ -71,6 +113,7 @@ def _connect_args(p):
     p.add_argument("--local", type=int, default=None, metavar="N", help="start N local nodes on loopback")
     p.add_argument("--discover-timeout", type=float, default=2.0, help="seconds to browse zeroconf for nodes")
     _secret_arg(p)
+    _tls_args(p)
 
 
 def _cache_args(p):
@@ -91,7 +134,7 @@ def _connect(args):
     from .coordinator import Cluster
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    return Cluster.connect(args.model, args.nodes, args.local, args.discover_timeout, log=log, secret=_secret(args))
+    return Cluster.connect(args.model, args.nodes, args.local, args.discover_timeout, log=log, secret=_secret(args), tls=_tls(args))
 
 
 def _plan_and_load(cluster, context, cache):
@@ -131,12 +174,33 @@ def cluster_main(argv=None):
     nodes = sub.add_parser("nodes", help="list nodes advertising on the local network")
     nodes.add_argument("--discover-timeout", type=float, default=2.0)
 
+    # moving sessions (docs/migration.md)
+    ss = sub.add_parser("sessions", help="list live sessions: positions, KV bytes, which node holds which layers")
+    _connect_args(ss)
+    ss.add_argument("--json", action="store_true", help="print JSON")
+    mg = sub.add_parser("migrate", help="move a session's layers (whole stages) to another node, between tokens")
+    _connect_args(mg)
+    mg.add_argument("--session", required=True, help="session id")
+    mg.add_argument("--layers", type=parse_layers, required=True, help="layers START:END to move")
+    mg.add_argument("--to", required=True, help="host:port of the node to move them to (holding them, or idle)")
+    mg.add_argument("--relay", action="store_true", help="send the KV through this process instead of node to node")
+    sn = sub.add_parser("snapshot", help="write a session (all its layers) to a file")
+    _connect_args(sn)
+    sn.add_argument("--session", default=None, help="session id (default: the only live one)")
+    sn.add_argument("--out", required=True, help="file to write")
+    rs = sub.add_parser("restore", help="load a session snapshot onto the nodes' layers")
+    _connect_args(rs)
+    rs.add_argument("path", help="snapshot file written by `turbo-cluster snapshot`")
+    rs.add_argument("--session-id", default=None, help="id to restore it under (default: the snapshot's)")
+
     args = parser.parse_args(argv)
     if args.command == "nodes":
         return _nodes(args)
     from .coordinator import ClusterError
     from .discovery import DiscoveryError
+    from .migration import MigrationError
     from .plan import PlanError
+    from .session_io import SessionFormatError
 
     try:
         if args.command == "plan":
@@ -144,8 +208,10 @@ def cluster_main(argv=None):
                 plan = cluster.plan(context=args.context, cache=_cache(args))
                 print(plan.to_json() if args.json else plan.table())
             return 0
+        if args.command in ("sessions", "migrate", "snapshot", "restore"):
+            return _session_command(args)
         return _generate(args)
-    except (ClusterError, PlanError, DiscoveryError) as e:
+    except (ClusterError, PlanError, DiscoveryError, MigrationError, SessionFormatError) as e:
         print(f"turbo-cluster: {e}", file=sys.stderr)
         return 1
 
@@ -180,4 +246,25 @@ def _generate(args):
             f"{s.tokens_per_s:.1f} tokens/s over {len(cluster.clients)} nodes ({time.perf_counter() - t0:.2f} s total)",
             file=sys.stderr,
         )
+    return 0
+
+
+def _session_command(args):
+    with _connect(args) as cluster:
+        if args.command == "sessions":
+            rows = cluster.sessions()
+            if args.json:
+                print(json.dumps(rows, indent=1))
+            for r in [] if args.json else rows:
+                stages = ", ".join(f"{st['node']} ({st['address']}) {st['layers'][0]}:{st['layers'][1]}" for st in r["stages"])
+                print(f"{r['session_id']}  {r['offset']} positions  {r['kv_bytes'] / (1 << 20):.1f} MiB  {stages}")
+        elif args.command == "migrate":
+            r = cluster.migrate(args.session, args.layers, args.to, relay=args.relay)
+            print(f"moved layers {args.layers[0]}:{args.layers[1]} of {args.session} to {args.to}: "
+                  f"{r['wire_bytes']} bytes in {r['seconds'] * 1e3:.0f} ms (paused {r['pause_ms']:.0f} ms)")
+        elif args.command == "snapshot":
+            n = cluster.snapshot(args.out, args.session)
+            print(f"wrote {n} bytes to {args.out}")
+        else:
+            print(cluster.restore(args.path, args.session_id))
     return 0

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from ..proto import turbo_pb2 as pb
-from . import auth, discovery
+from . import auth, discovery, failover, migration
 from .node import NodeClient
 from .plan import NodeSpec, make_plan
 
@@ -54,10 +54,11 @@ class LocalNode:
     secret: str = None  # what clients must authenticate with, if anything
 
 
-def start_local_nodes(n, memory_budget=None, timeout=120.0, advertise=False, names=None, secret=None):
+def start_local_nodes(n, memory_budget=None, timeout=120.0, advertise=False, names=None, secret=None, args=()):
     """Start ``n`` node processes on loopback with ephemeral ports; returns them once all are serving.
 
-    ``secret`` (handed over in the environment, never on the command line) makes them require auth.
+    ``secret`` (handed over in the environment, never on the command line) makes them require auth;
+    ``args`` are added to each ``turbo-node serve`` command line.
     """
     names = names or [f"local-{i}" for i in range(n)]
     env = dict(os.environ)
@@ -72,6 +73,7 @@ def start_local_nodes(n, memory_budget=None, timeout=120.0, advertise=False, nam
             cmd += ["--name", names[i]] + ([] if advertise else ["--no-advertise"])
             if memory_budget:
                 cmd += ["--memory-budget", str(memory_budget)]
+            cmd += list(args)
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True, env=env)
             started.append(LocalNode(proc, "", log.name, secret))
         deadline = time.monotonic() + timeout
@@ -162,14 +164,17 @@ class Cluster:
         self.plan_ = None
         self._tokenizer = None
         self.stats = Stats()
+        self.live = {}  # session id -> migration.Live: route and pending token of each session driven here
+        self.peers = {}  # address -> NodeClient of nodes outside the plan (migration targets)
 
     @classmethod
-    def connect(cls, model=None, nodes=None, local=None, discover_timeout=2.0, interfaces=None, log=None, secret=None):
+    def connect(cls, model=None, nodes=None, local=None, discover_timeout=2.0, interfaces=None, log=None, secret=None, tls=None):
         """Connect to ``nodes`` (host:port list), or ``local`` N fresh loopback processes, or zeroconf.
 
         With neither given, browse for ``discover_timeout`` seconds; when no node
         answers, start 2 local nodes. ``secret`` authenticates every call
-        (auth.py); local nodes get a fresh random one unless it is given.
+        (auth.py); local nodes get a fresh random one unless it is given. ``tls``
+        (``{"ca", "cert", "key"}`` PEM paths) dials the nodes with TLS.
         """
         from . import loader
 
@@ -198,7 +203,7 @@ class Cluster:
         try:
             for a in addresses:
                 try:
-                    clients.append(NodeClient(a, desc["identity"], will_load=True, secret=secret))
+                    clients.append(NodeClient(a, desc["identity"], will_load=True, secret=secret, tls=tls))
                 except grpc.RpcError as e:
                     raise ClusterError(f"node {a}: {e.code().name}: {e.details()}") from None
         except BaseException:
@@ -206,7 +211,9 @@ class Cluster:
                 c.close()
             stop_local_nodes(started)
             raise
-        return cls(clients, desc, model, started, log)
+        cluster = cls(clients, desc, model, started, log)
+        cluster.secret, cluster.tls = secret, tls  # for nodes dialled later (failover, migration targets)
+        return cluster
 
     def infos(self):
         return [c.info() for c in self.clients]
@@ -265,9 +272,14 @@ class Cluster:
         return tok.encode(prompt)
 
     def generate_tokens(
-        self, prompt_ids, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, cache=None, max_context=None, stop_at_eos=True
+        self, prompt_ids, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, cache=None, max_context=None, stop_at_eos=True,
+        session_id=None,
     ):
-        """Yield generated token ids (stops at EOS or ``max_tokens``); as mlx_lm.generate_step does it."""
+        """Yield generated token ids (stops at EOS or ``max_tokens``); as mlx_lm.generate_step does it.
+
+        Between tokens the session can be moved (``migrate``, ``handoff``, ``replan``) or
+        snapshotted: each step goes to the first node of the session's current route.
+        """
         if self.plan_ is None:
             raise ClusterError("no plan loaded; call cluster.load(cluster.plan(...)) first")
         prompt_ids = list(prompt_ids)
@@ -275,46 +287,112 @@ class Cluster:
             raise ValueError("the prompt must hold at least one token")
         eos = set(self.tokenizer.eos_token_ids) if stop_at_eos else set()
         max_context = max_context or len(prompt_ids) + max_tokens
-        sid = uuid.uuid4().hex
+        sid = session_id or uuid.uuid4().hex
         stats = self.stats = Stats(prompt_tokens=len(prompt_ids))
         created = []
+        live = None
         try:
+            # the journal lets failover.py rebuild the session on other nodes (docs/failover.md)
+            journal = failover.opened(self, sid, max_context, cache, temperature, top_p, seed)
             for i in reversed(range(len(self.clients))):
                 c = self.clients[i]
                 nxt = self.clients[i + 1].address if i + 1 < len(self.clients) else ""
                 try:
                     c.create_session(sid, max_context, cache, nxt, temperature, top_p, seed)
                 except grpc.RpcError as e:
-                    raise _node_error(c, e) from None
+                    if e.code() not in failover.RETRYABLE:
+                        raise _node_error(c, e) from None
+                    journal.epoch = -1  # a node is down: the first step recovers, then creates the session
+                    break
                 created.append(c)
+            live = self.live[sid] = migration.Live(sid, migration.current_route(self), list(prompt_ids))
             first = self.clients[0]
             t0 = time.perf_counter()
             try:
-                rest = prompt_ids
-                while len(rest) > 1:
-                    n = min(PREFILL_STEP, len(rest) - 1)
-                    first.forward(sid, tokens=rest[:n], want=pb.NONE)
-                    rest = rest[n:]
-                reply = first.forward(sid, tokens=rest, want=pb.TOKEN)
+                with live.lock:
+                    rest = prompt_ids
+                    while len(rest) > 1:
+                        n = min(PREFILL_STEP, len(rest) - 1)
+                        failover.forward(self, sid, rest[:n], pb.NONE)
+                        rest = rest[n:]
+                    reply = failover.forward(self, sid, rest, pb.TOKEN)
                 stats.prefill_s = time.perf_counter() - t0
                 t1 = time.perf_counter()
                 for n in range(max_tokens):
-                    token = reply.token
+                    token = live.pending = reply.token
                     stats.generated_tokens += 1
                     yield token
                     if token in eos or n + 1 == max_tokens:
                         break
-                    reply = first.forward(sid, tokens=[token], want=pb.TOKEN)
+                    with live.lock:  # a migration waits for this step, and the next step for it
+                        first = live.route[0].client
+                        reply = failover.forward(self, sid, [token], pb.TOKEN)
+                        live.tokens.append(token)
                     stats.hops.append([(h.node_id, h.compute_ms, h.total_ms, h.bytes_in) for h in reply.hops])
                     stats.decode_s = time.perf_counter() - t1
             except grpc.RpcError as e:
                 raise _node_error(first, e) from None
         finally:
-            for c in created:
+            self.live.pop(sid, None)
+            failover.closed(self, sid)
+            for c in [st.client for st in live.route] if live else created:
                 try:
-                    c.drop(sid)
+                    c.drop(sid, timeout=5.0)
                 except grpc.RpcError:
                     pass  # the node is gone or already dropped it; nothing left to free
+
+    def resume(self, session_id, max_tokens=256, stop_at_eos=True):
+        """Yield the tokens after a restored (or adopted) session's pending one; drops the session at the end."""
+        live = migration.live_session(self, session_id)
+        if live.pending is None:
+            raise ClusterError(f"session {session_id!r} has no pending token to continue from (restore it from a snapshot)")
+        eos = set(self.tokenizer.eos_token_ids) if stop_at_eos else set()
+        try:
+            for _ in range(max_tokens):
+                with live.lock:
+                    first = live.route[0].client
+                    try:
+                        reply = first.forward(session_id, tokens=[live.pending], want=pb.TOKEN)
+                    except grpc.RpcError as e:
+                        raise _node_error(first, e) from None
+                    live.tokens.append(live.pending)
+                    live.pending = reply.token
+                yield reply.token
+                if reply.token in eos:
+                    break
+        finally:
+            self.live.pop(session_id, None)
+            for st in live.route:
+                try:
+                    st.client.drop(session_id)
+                except grpc.RpcError:
+                    pass  # the node is gone or already dropped it
+
+    # -- moving sessions (migration.py does the work; see docs/migration.md) --
+
+    def migrate(self, session_id, layers, to_node, relay=False):
+        """Move ``layers`` (whole stages) of a live session to node ``to_node`` (host:port), between tokens."""
+        return migration.migrate(self, session_id, layers, to_node, relay)
+
+    def handoff(self, session_id, nodes, relay=False):
+        """Move a (prefilled) session to the route over ``nodes`` (host:port, in order) for decoding."""
+        return migration.handoff(self, session_id, nodes, relay)
+
+    def snapshot(self, path, session_id=None):
+        """Write a session (all its layers, token ids, pending token) to ``path``; returns bytes written."""
+        return migration.snapshot(self, path, session_id)
+
+    def restore(self, path, session_id=None):
+        """Load a snapshot onto this cluster's layers; returns the session id (continue with ``resume``)."""
+        return migration.restore(self, path, session_id)
+
+    def sessions(self):
+        """Live sessions on the connected nodes: size, and which node holds which layers."""
+        return migration.sessions(self)
+
+    def replan(self, nodes, context=None, cache=None):
+        """Re-plan over ``nodes`` (a node joined or is drained), moving every live session's KV with its layers."""
+        return migration.replan(self, nodes, context, cache)
 
     def generate(self, prompt, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, stop=(), cache=None, chat=True):
         """Yield text pieces as they are generated; stops at EOS, ``max_tokens`` or a ``stop`` string."""
@@ -350,6 +428,10 @@ class Cluster:
     def close(self):
         for c in self.clients:
             c.close()
+        for c in self.peers.values():
+            if c not in self.clients:
+                c.close()
+        self.peers = {}
         stop_local_nodes(self.local_nodes)
         self.local_nodes = []
 

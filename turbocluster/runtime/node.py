@@ -12,6 +12,7 @@ Run it with ``turbo-node serve`` or ``python -m turbocluster.runtime.node serve`
 
 import math
 import os
+import re
 import secrets
 import signal
 import socket
@@ -19,10 +20,12 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from concurrent import futures
 
 import grpc
 import mlx.core as mx
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from mlx.utils import tree_flatten
@@ -31,7 +34,7 @@ from mlx_lm.sample_utils import apply_top_p
 from ..kernels.turboquant import FORMAT_VERSION
 from ..proto import turbo_pb2 as pb
 from ..proto import turbo_pb2_grpc as pb_grpc
-from . import auth, discovery, plan, stage, wire
+from . import auth, discovery, migration, plan, stage, wire
 from .sessions import Session, SessionError, SessionStore
 
 SERVICE = "turbocluster.v1.Node"
@@ -40,6 +43,12 @@ MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default cap; payloads above CHUNK_BYTES go
 MAX_STEP_TOKENS = 8192  # positions in one Forward
 MAX_CONTEXT = 1 << 20
 MAX_TOKENS = 1024  # live handshake tokens; the oldest is forgotten first
+MD_CRC = "turbo-crc32"  # zlib.crc32 of the serialised request body, decimal; checked before it is parsed
+MAX_SESSION_ID = 256  # characters of a session id
+DEFAULT_SESSION_TTL = 1800.0  # seconds a session may sit idle before the node frees it
+FORWARD_TIMEOUT = 120.0  # default deadline of a Forward walking the pipeline (the coordinator sets its own)
+_CRC = re.compile(r"[0-9]{1,10}")
+_OUTPUTS = (pb.OUTPUT_UNSPECIFIED, pb.NONE, pb.HIDDEN, pb.LOGITS, pb.TOKEN)
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -88,9 +97,73 @@ class _Gate(grpc.ServerInterceptor):
         md = dict(details.invocation_metadata or ())
         reason = self.node.check_call(method, md)
         handler = continuation(details)
-        if reason is None or handler is None:
-            return handler
-        return _refusal(handler, reason)
+        if handler is None or reason is not None:
+            return handler if handler is None else _refusal(handler, reason)
+        return _checked(handler, md.get(MD_CRC))
+
+
+class _Bad:
+    """Stands in for a request body that did not match its checksum or did not parse."""
+
+    def __init__(self, code, why):
+        self.code, self.why = code, why
+
+
+def _checked(handler, crc):
+    """``handler`` that answers, before anything runs, DATA_LOSS for a body whose crc32 is not the
+    caller's ``turbo-crc32`` (when sent) and INVALID_ARGUMENT for one that does not parse."""
+    parse = handler.request_deserializer
+
+    def deserialize(raw):
+        if crc is not None:
+            found = zlib.crc32(raw)
+            if not (isinstance(crc, str) and _CRC.fullmatch(crc) and int(crc) == found):
+                return _Bad(grpc.StatusCode.DATA_LOSS, f"request body has crc32 {found}, caller sent {MD_CRC} {crc!r}: damaged on the way")
+        try:
+            return parse(raw) if parse else raw
+        except DecodeError as e:
+            return _Bad(grpc.StatusCode.INVALID_ARGUMENT, f"request body of {len(raw)} bytes is not a valid message: {e}")
+
+    shape = (handler.request_streaming, handler.response_streaming)
+    behavior = {
+        (False, False): handler.unary_unary,
+        (False, True): handler.unary_stream,
+        (True, False): handler.stream_unary,
+        (True, True): handler.stream_stream,
+    }[shape]
+
+    def good(request, context):
+        if isinstance(request, _Bad):
+            context.abort(request.code, request.why)
+        return request
+
+    if shape[0]:  # every message of a stream: the checksum is the unary calls' only (chunks carry crc32)
+        deserialize = _parse_only(parse)
+
+        def run(requests, context):
+            return behavior((good(r, context) for r in requests), context)
+    else:
+
+        def run(request, context):
+            return behavior(good(request, context), context)
+
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[shape]
+    return make(run, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+
+
+def _parse_only(parse):
+    def deserialize(raw):
+        try:
+            return parse(raw) if parse else raw
+        except DecodeError as e:
+            return _Bad(grpc.StatusCode.INVALID_ARGUMENT, f"stream message of {len(raw)} bytes is not a valid message: {e}")
+
+    return deserialize
 
 
 def _refusal(handler, reason):
@@ -155,8 +228,9 @@ def _rpc_stream(fn):
 class NodeServicer(pb_grpc.NodeServicer):
     """State of one node: its shard, its sessions, the tokens it issued."""
 
-    def __init__(self, name=None, memory_budget=None, secret=None):
+    def __init__(self, name=None, memory_budget=None, secret=None, session_ttl=DEFAULT_SESSION_TTL, tls=None):
         self.secret = secret  # cluster secret (auth.py); also used to call the next node
+        self.tls = tls  # {"cert", "key", "ca"} PEM paths when serving TLS; also used to call the next node
         self.node_id = uuid.uuid4().hex[:12]
         self.name = name or socket.gethostname().split(".")[0]
         self.memory_budget = int(memory_budget or default_memory_budget())
@@ -171,6 +245,16 @@ class NodeServicer(pb_grpc.NodeServicer):
         self._mx = futures.ThreadPoolExecutor(1, thread_name_prefix="mlx")  # the model thread
         self._next = {}  # (next-node address, model identity) -> NodeClient
         self._next_lock = threading.Lock()
+        self.sessions.ttl = session_ttl or 0.0  # 0 = sessions never expire
+        self._stop = threading.Event()
+        if self.sessions.ttl:
+            threading.Thread(target=self._reap, name="session-reaper", daemon=True).start()
+
+    def _reap(self):
+        """Free sessions idle for longer than the TTL; their ids answer NOT_FOUND saying so."""
+        while not self._stop.wait(min(1.0, max(0.05, self.sessions.ttl / 4))):
+            for s in self.sessions.expire():
+                print(f"session {s.session_id} expired after {self.sessions.ttl:g} s idle", file=sys.stderr, flush=True)
 
     # -- gate ---------------------------------------------------------------
 
@@ -357,6 +441,10 @@ class NodeServicer(pb_grpc.NodeServicer):
     @_rpc
     def CreateSession(self, request, context):
         model = self._need_model()
+        if len(request.session_id) > MAX_SESSION_ID:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"session id must be at most {MAX_SESSION_ID} characters, got {len(request.session_id)}")
+        if request.next_address and not re.fullmatch(r"[\w.\-\[\]:]{1,255}:[0-9]{1,5}", request.next_address):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"next_address must be host:port, got {request.next_address[:80]!r}")
         if not 0 < request.max_context <= MAX_CONTEXT:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"max_context must be in 1..{MAX_CONTEXT}, got {request.max_context}")
         cache = {}
@@ -478,6 +566,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         model = self._need_model()
         session = self.sessions.get(request.session_id)
         build, positions, nbytes = self._input(model, request, data)
+        if request.want not in _OUTPUTS:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"want must be one of {list(_OUTPUTS)}, got {request.want}")
         want = request.want or pb.TOKEN
         last = stage.is_last(model)
         onward = want != pb.HIDDEN and bool(session.next_address)
@@ -499,7 +589,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             t1 = time.perf_counter()
             if onward:
                 t, raw = out
-                reply = self._forward_next(session, t, raw, want)
+                remaining = context.time_remaining() if context is not None else None
+                reply = self._forward_next(session, t, raw, want, None if remaining is None else max(0.05, remaining - 0.05))
             else:
                 reply = pb.ForwardReply(offset=session.offset)
                 if want == pb.HIDDEN:
@@ -556,12 +647,12 @@ class NodeServicer(pb_grpc.NodeServicer):
             token = mx.random.categorical(logprobs * (1 / s["temperature"]), key=key)
         return int(token.item())
 
-    def _forward_next(self, session, t, raw, want):
-        """Send the step on to the session's next node; re-handshake once if that node was reloaded."""
+    def _forward_next(self, session, t, raw, want, timeout=None):
+        """Send the step on to the session's next node within the caller's deadline; re-handshake once if it was reloaded."""
         for attempt in (0, 1):
             client = self._next_client(session.next_address, fresh=attempt == 1)
             try:
-                return client.forward_tensor(session.session_id, t, raw, want)
+                return client.forward_tensor(session.session_id, t, raw, want, timeout=timeout)
             except grpc.RpcError as e:
                 # refused at the gate (so nothing ran there): our token predates its last load
                 if attempt or e.code() != grpc.StatusCode.FAILED_PRECONDITION or "andshake" not in e.details():
@@ -574,7 +665,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             if client is None:
                 try:
                     client = NodeClient(
-                        address, self.desc["identity"], client_name=f"{self.name} (next hop)", secret=self.secret
+                        address, self.desc["identity"], client_name=f"{self.name} (next hop)", secret=self.secret, tls=self.tls
                     )
                 except grpc.RpcError as e:
                     raise Refused(grpc.StatusCode.UNAVAILABLE, f"next node {address}: {e.code().name}: {e.details()}")
@@ -608,21 +699,44 @@ class NodeServicer(pb_grpc.NodeServicer):
     def ListSessions(self, request, context):
         return pb.ListSessionsReply(sessions=[self._session_info(s) for s in self.sessions.list()])
 
+    # -- session migration: the work is in migration.py ----------------------
+
+    @_rpc_stream
+    def ExportSession(self, request, context):
+        yield from migration.serve_export(self, request)
+
+    @_rpc
+    def ImportSession(self, request_iterator, context):
+        return migration.serve_import(self, request_iterator)
+
+    @_rpc
+    def PushSession(self, request, context):
+        return migration.serve_push(self, request)
+
+    @_rpc
+    def RerouteSession(self, request, context):
+        return migration.serve_reroute(self, request)
+
     def close(self):
         with self._next_lock:
             for c in self._next.values():
                 c.close()
             self._next.clear()
+        self._stop.set()
         self._mx.shutdown(wait=False)
 
 
-def make_server(servicer, host="127.0.0.1", port=0, max_workers=16):
+def make_server(servicer, host="127.0.0.1", port=0, max_workers=16, faults=None):
     """A started gRPC server with the node, health and reflection services; returns (server, port).
 
     With ``servicer.secret`` set, every call but health checks must carry an
     ``auth.py`` credential (UNAUTHENTICATED otherwise), checked before the handshake gate.
     """
     gates = ([auth.AuthInterceptor(servicer.secret)] if servicer.secret else []) + [_Gate(servicer)]
+    if faults:  # outermost, so a corrupted body meets the checksum as a bad link's would
+        from .faults import FaultInterceptor
+
+        gates.insert(0, FaultInterceptor(faults, log=lambda m: print(m, file=sys.stderr, flush=True)))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=gates,
@@ -635,7 +749,11 @@ def make_server(servicer, host="127.0.0.1", port=0, max_workers=16):
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     names = (pb.DESCRIPTOR.services_by_name["Node"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    tls = servicer.tls
+    if tls:
+        bound = server.add_secure_port(f"{host}:{port}", auth.server_credentials(tls["cert"], tls["key"], tls.get("ca")))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     server.start()
@@ -643,12 +761,21 @@ def make_server(servicer, host="127.0.0.1", port=0, max_workers=16):
     return server, bound
 
 
-def serve(host="127.0.0.1", port=0, model=None, layers=None, memory_budget=None, name=None, advertise=True, secret=None):
-    """Run a node until SIGINT/SIGTERM: load ``layers`` of ``model`` if given, serve, advertise, withdraw."""
+def serve(
+    host="127.0.0.1", port=0, model=None, layers=None, memory_budget=None, name=None, advertise=True, secret=None,
+    session_ttl=DEFAULT_SESSION_TTL, tls=None, faults=None,
+):
+    """Run a node until SIGINT/SIGTERM: load ``layers`` of ``model`` if given, serve, advertise, withdraw.
+
+    ``tls`` is ``{"cert", "key", "ca"}`` (PEM paths; with ``ca``, clients need a certificate it
+    signed); ``faults`` (faults.parse) injects failures for tests and must be asked for explicitly.
+    """
     warning = auth.warn_if_exposed(host, secret)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    servicer = NodeServicer(name=name, memory_budget=memory_budget, secret=secret)
+    if faults:
+        print(f"warning: fault injection is on: {faults}", file=sys.stderr, flush=True)
+    servicer = NodeServicer(name=name, memory_budget=memory_budget, secret=secret, session_ttl=session_ttl, tls=tls)
     if layers is not None:
         from . import loader
 
@@ -659,8 +786,8 @@ def serve(host="127.0.0.1", port=0, model=None, layers=None, memory_budget=None,
         servicer.compat = wire.compat_hash(desc["identity"])
         servicer.sessions.budget_bytes = servicer.memory_budget - servicer.weights_bytes
         servicer._progress(pb.READY, 1.0, f"layers {layers[0]}:{layers[1]} of {desc['name']} ready")
-    server, bound = make_server(servicer, host, port)
-    mode = "authenticated" if secret else "no auth"
+    server, bound = make_server(servicer, host, port, faults=faults)
+    mode = ("authenticated" if secret else "no auth") + (", TLS" if tls else "")
     print(f"turbo-node {servicer.name} ({servicer.node_id}) serving on {host}:{bound} ({mode})", flush=True)
     handle = None
     if advertise:
@@ -690,11 +817,26 @@ def serve(host="127.0.0.1", port=0, model=None, layers=None, memory_budget=None,
 
 
 class NodeClient:
-    """One handshaken connection to a node. Failed calls raise grpc.RpcError with the node's status."""
+    """One handshaken connection to a node. Failed calls raise grpc.RpcError with the node's status.
 
-    def __init__(self, address, model_identity, client_name="coordinator", timeout=10.0, will_load=False, secret=None):
+    Every call has a deadline (``timeout`` seconds unless the method says otherwise), so a
+    node that stops answering fails the call with DEADLINE_EXCEEDED instead of hanging it;
+    unary requests carry the crc32 of their body (``turbo-crc32``), checked by the node.
+    ``tls`` = ``{"ca", "cert", "key"}`` (PEM paths) dials with TLS, presenting a client
+    certificate when cert and key are given (mTLS).
+    """
+
+    def __init__(
+        self, address, model_identity, client_name="coordinator", timeout=10.0, will_load=False, secret=None, tls=None,
+        load_timeout=600.0,
+    ):
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.timeout, self.load_timeout = timeout, load_timeout
+        if tls:
+            creds = auth.channel_credentials(tls.get("ca"), tls.get("cert"), tls.get("key"))
+            self.channel = grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         calls = auth.authenticated_channel(self.channel, secret) if secret else self.channel
         self.stub = pb_grpc.NodeStub(calls)
         self.compat = wire.compat_hash(model_identity)
@@ -723,13 +865,21 @@ class NodeClient:
             (MD_COMPAT, self.compat),
         )
 
-    def info(self):
-        return self.stub.GetInfo(pb.InfoRequest(), metadata=self.metadata)
+    def _md(self, request):
+        """Metadata for a unary call: the handshake's, plus the crc32 of ``request``'s body."""
+        return self.metadata + ((MD_CRC, str(zlib.crc32(request.SerializeToString()))),)
+
+    def _unary(self, rpc, request, timeout=None):
+        return rpc(request, metadata=self._md(request), timeout=timeout or self.timeout)
+
+    def info(self, timeout=None):
+        return self._unary(self.stub.GetInfo, pb.InfoRequest(), timeout)
 
     def load(self, model, start, end, progress=None):
         """LoadLayers; ``progress(LoadProgress)`` sees every message. Returns the final NodeInfo."""
         last = None
-        for p in self.stub.LoadLayers(pb.LoadRequest(model=model or "", layer_start=start, layer_end=end), metadata=self.metadata):
+        request = pb.LoadRequest(model=model or "", layer_start=start, layer_end=end)
+        for p in self.stub.LoadLayers(request, metadata=self._md(request), timeout=self.load_timeout):
             last = p
             if progress:
                 progress(p)
@@ -742,32 +892,30 @@ class NodeClient:
         sampling = pb.Sampling(temperature=temperature, top_p=top_p)
         if seed is not None:
             sampling.seed = seed
-        return self.stub.CreateSession(
-            pb.CreateSessionRequest(
-                session_id=session_id,
-                max_context=max_context,
-                cache=pb.CacheConfig(**{k: v for k, v in cache.items() if v}),
-                next_address=next_address,
-                sampling=sampling,
-            ),
-            metadata=self.metadata,
+        request = pb.CreateSessionRequest(
+            session_id=session_id,
+            max_context=max_context,
+            cache=pb.CacheConfig(**{k: v for k, v in cache.items() if v}),
+            next_address=next_address,
+            sampling=sampling,
         )
+        return self._unary(self.stub.CreateSession, request)
 
-    def forward(self, session_id, tokens=None, hidden=None, want=pb.TOKEN):
+    def forward(self, session_id, tokens=None, hidden=None, want=pb.TOKEN, timeout=None):
         """One step with token ids or an mx.array hidden state (made on the calling thread)."""
         if tokens is not None:
             request = pb.ForwardRequest(session_id=session_id, want=want)
             request.tokens.ids.extend(tokens)
-            return self.stub.Forward(request, metadata=self.metadata)
-        return self.forward_tensor(session_id, *wire.to_proto(hidden, with_data=False), want)
+            return self._unary(self.stub.Forward, request, timeout or FORWARD_TIMEOUT)
+        return self.forward_tensor(session_id, *wire.to_proto(hidden, with_data=False), want, timeout=timeout)
 
-    def forward_tensor(self, session_id, t, raw, want=pb.TOKEN):
+    def forward_tensor(self, session_id, t, raw, want=pb.TOKEN, timeout=None):
         """One step with a serialised hidden state; payloads above CHUNK_BYTES go by ForwardStream."""
         request = pb.ForwardRequest(session_id=session_id, want=want)
         if len(raw) <= wire.CHUNK_BYTES:
             t.data = raw
             request.hidden.CopyFrom(t)
-            return self.stub.Forward(request, metadata=self.metadata)
+            return self._unary(self.stub.Forward, request, timeout or FORWARD_TIMEOUT)
         request.hidden.CopyFrom(t)
 
         def messages():
@@ -775,16 +923,16 @@ class NodeClient:
             for c in wire.proto_chunks(raw):
                 yield pb.ForwardChunk(chunk=c)
 
-        return self.stub.ForwardStream(messages(), metadata=self.metadata)
+        return self.stub.ForwardStream(messages(), metadata=self.metadata, timeout=timeout or FORWARD_TIMEOUT)
 
-    def trim(self, session_id, count):
-        return self.stub.Trim(pb.TrimRequest(session_id=session_id, count=count), metadata=self.metadata)
+    def trim(self, session_id, count, timeout=None):
+        return self._unary(self.stub.Trim, pb.TrimRequest(session_id=session_id, count=count), timeout)
 
-    def drop(self, session_id):
-        return self.stub.DropSession(pb.DropSessionRequest(session_id=session_id), metadata=self.metadata)
+    def drop(self, session_id, timeout=None):
+        return self._unary(self.stub.DropSession, pb.DropSessionRequest(session_id=session_id), timeout)
 
-    def sessions(self):
-        return list(self.stub.ListSessions(pb.ListSessionsRequest(), metadata=self.metadata).sessions)
+    def sessions(self, timeout=None):
+        return list(self._unary(self.stub.ListSessions, pb.ListSessionsRequest(), timeout).sessions)
 
     def close(self):
         self.channel.close()

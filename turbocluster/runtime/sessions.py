@@ -10,6 +10,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+MAX_EXPIRED = 4096  # expired ids remembered for the NOT_FOUND message
+
 
 class SessionError(Exception):
     """A session request that cannot be honoured; ``code`` names the gRPC status."""
@@ -30,6 +32,7 @@ class Session:
     sampling: dict = field(default_factory=dict)  # {"temperature", "top_p", "seed"}
     rng_state: object = None  # this session's mx.random key (last node, when sampling)
     created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)  # for the idle-session reaper
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -45,7 +48,9 @@ class SessionStore:
 
     def __init__(self, budget_bytes):
         self.budget_bytes = budget_bytes  # bytes available for KV (memory budget minus weights)
+        self.ttl = 0.0  # seconds idle before ``expire`` frees a session; 0 = never
         self._sessions = {}
+        self._expired = {}  # ids freed by ``expire`` (the most recent MAX_EXPIRED), so lookups can say so
         self._lock = threading.Lock()
 
     def reserved(self):
@@ -69,14 +74,33 @@ class SessionStore:
                     f"({len(self._sessions)} live sessions hold {used})",
                 )
             self._sessions[session.session_id] = session
+            self._expired.pop(session.session_id, None)
             return session
 
     def get(self, session_id):
         with self._lock:
             s = self._sessions.get(session_id)
+            expired = self._expired.get(session_id)
         if s is None:
+            if expired is not None:
+                raise SessionError("NOT_FOUND", f"session {session_id!r} expired: idle for more than {expired:g} s (the node's --session-ttl)")
             raise SessionError("NOT_FOUND", f"no session {session_id!r} on this node")
+        s.last_used = time.monotonic()
         return s
+
+    def expire(self, now=None):
+        """Drop sessions idle for longer than ``ttl`` (not one a step is using); returns them."""
+        if not self.ttl:
+            return []
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            old = [s for s in self._sessions.values() if now - s.last_used > self.ttl and not s.lock.locked()]
+            for s in old:
+                del self._sessions[s.session_id]
+                self._expired[s.session_id] = self.ttl
+            while len(self._expired) > MAX_EXPIRED:
+                del self._expired[next(iter(self._expired))]
+        return old
 
     def drop(self, session_id):
         with self._lock:

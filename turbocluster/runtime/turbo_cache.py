@@ -104,7 +104,8 @@ class TurboQuantKVCache(_BaseCache):
         then fixed; attention ignores it (q . mean is the same for every key of
         a query, so softmax cancels it).
     value_mean: the same for values; attention adds it back to its output
-        (the attention weights sum to one).
+        (the attention weights sum to one). An experiment: not in ``state``
+        yet, so such a cache cannot be saved or migrated.
     codebook, rotate_values: experiment knobs ("seed" codebooks, values stored
         unrotated as the seed PR did); the defaults are the format's.
 
@@ -222,30 +223,39 @@ class TurboQuantKVCache(_BaseCache):
 
     @property
     def meta_state(self):
-        flags = (self.rotate_values, self.key_mean_enabled, self.value_mean_enabled)
+        """(k_bits, v_bits, quantized_start, codebook, rotate_values, key_mean) as strings.
+
+        This and ``state`` are a contract (session_io checks them field by field):
+        change them only together with it.
+        """
+        flags = (self.rotate_values, self.key_mean_enabled)
         return (str(self.k_bits), str(self.v_bits), str(self.quantized_start), self.codebook, *(str(int(f)) for f in flags))
 
     @meta_state.setter
     def meta_state(self, v):
-        k_bits, v_bits, qs, codebook, rot_v, km, vm = v
+        k_bits, v_bits, qs, codebook, rot_v, km = v
         self.k_bits, self.v_bits, self.quantized_start = int(k_bits), int(v_bits), int(qs)
         self.codebook = codebook
-        self.rotate_values, self.key_mean_enabled, self.value_mean_enabled = (bool(int(f)) for f in (rot_v, km, vm))
+        self.rotate_values, self.key_mean_enabled = (bool(int(f)) for f in (rot_v, km))
+        self.value_mean_enabled = getattr(self, "value_mean_enabled", False)
+        self.value_mean = getattr(self, "value_mean", None)
 
     @property
     def state(self):
-        """(k_packed, k_scales, v_packed, v_scales, keys, values, key_mean, value_mean, offset, meta_state).
+        """(k_packed, k_scales, v_packed, v_scales, keys, values, key_mean, offset, meta_state).
 
         Arrays hold the ``offset`` stored tokens only; the phase not in use is None.
         """
+        if self.value_mean_enabled:
+            raise ValueError("a TurboQuantKVCache with value_mean (an experiment) cannot be serialized yet")
         t = self.offset
         cut = lambda a: None if a is None else a[..., :t, :]
         arrays = [cut(getattr(self, k)) for k in self._PACKED + self._FLOAT]
-        return (*arrays, self.key_mean, self.value_mean, self.offset, self.meta_state)
+        return (*arrays, self.key_mean, self.offset, self.meta_state)
 
     @state.setter
     def state(self, v):
-        *arrays, self.key_mean, self.value_mean, self.offset, meta = v
+        *arrays, self.key_mean, self.offset, meta = v
         for k, a in zip(self._PACKED + self._FLOAT, arrays):
             setattr(self, k, a)
         self.meta_state = tuple(meta)
