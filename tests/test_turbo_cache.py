@@ -6,6 +6,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models import gemma3_text, llama, qwen3
 
 from turbocluster.kernels import turboquant as tq
+from turbocluster.kernels import native
 from turbocluster.runtime import attention
 from turbocluster.runtime.turbo_cache import TurboQuantKVCache, make_cache, make_turbo_cache
 
@@ -241,7 +242,7 @@ def test_key_and_value_means_are_exact_in_attention(native):
 
 @pytest.mark.parametrize("k_bits,v_bits", [(2, 8), (3, 7), (5, 6), (4, 4)])
 def test_native_kernel_matches_mlx_ops_for_every_bit_width(k_bits, v_bits):
-    if attention._native_library() is None:
+    if native.library() is None:
         pytest.skip("no C compiler")
     kv = [mx.random.normal((1, 2, 300, 80), key=mx.random.key(i)) for i in range(2)]
     q = mx.random.normal((1, 6, 3, 80), key=mx.random.key(5))
@@ -269,6 +270,19 @@ def test_prefill_then_decode_through_the_hook():
     assert llama.scaled_dot_product_attention is attention.scaled_dot_product_attention
     k, v = cache.update_and_fetch(mx.ones((1, 2, 1, 64)), mx.ones((1, 2, 1, 64)))
     assert k.packed.shape[2] == 51 and cache.make_mask(1, return_array=False, window_size=None) is None
+
+
+def test_hook_is_idempotent_and_reaches_models_imported_later():
+    import importlib
+
+    from mlx_lm.models import base
+
+    attention.install()
+    attention.install()
+    assert base.scaled_dot_product_attention is attention.scaled_dot_product_attention
+    assert attention._original_sdpa is not attention.scaled_dot_product_attention
+    late = importlib.import_module("mlx_lm.models.starcoder2")
+    assert late.scaled_dot_product_attention is attention.scaled_dot_product_attention
 
 
 # --- memory ------------------------------------------------------------------------

@@ -226,6 +226,66 @@ def lookup(indices, bits):
     return level[0]
 
 
+# --- reading many packed vectors at once ------------------------------------------
+#
+# Indices are a little-endian bit stream (see turboquant.pack), so on a
+# little-endian host the bytes of the uint32 words are the stream's bytes in
+# order. We cut the stream into fields of F = m * bits bits (m indices each) and
+# look each field up in a table of 2**F rows of m centroids: one gather per m
+# coordinates instead of one per coordinate, plus a few shifts.
+
+
+_FIELDS = {2: 4, 3: 4, 4: 4, 5: 2, 6: 2, 7: 2, 8: 2}  # indices per field
+
+
+@functools.lru_cache(maxsize=None)
+def _field_table(bits, codebook):
+    m = _FIELDS[bits]
+    values = mx.array(codebook if codebook is not None else centroids(bits), dtype=mx.float32)
+    if values.shape != (1 << bits,):
+        raise ValueError(f"a {bits}-bit codebook needs {1 << bits} values, got {values.shape[0]}")
+    field = mx.arange(1 << (m * bits), dtype=mx.uint32)
+    cols = [mx.take(values, mx.right_shift(field, bits * j) & ((1 << bits) - 1)) for j in range(m)]
+    return mx.stack(cols, axis=1)
+
+
+def _fields(packed, bits, dim):
+    """The packed stream cut into F-bit fields, as an integer array [..., dim / m]."""
+    m = _FIELDS[bits]
+    width = m * bits
+    nbytes = dim * bits // 8  # dim is a multiple of 16, so whole bytes
+    if width == 16:
+        return packed.view(mx.uint16)[..., : nbytes // 2]
+    data = packed.view(mx.uint8)[..., :nbytes]
+    if width == 8:
+        return data
+    period_bits = width * 8 // math.gcd(width, 8)
+    period_bytes, per_period = period_bits // 8, period_bits // width
+    b = data.reshape(*data.shape[:-1], nbytes // period_bytes, period_bytes).astype(mx.uint32)
+    out = []
+    for k in range(per_period):
+        start = k * width
+        first, shift = divmod(start, 8)
+        span = (shift + width + 7) // 8
+        v = b[..., first]
+        for j in range(1, span):
+            v = v | (b[..., first + j] << (8 * j))
+        out.append((v >> shift) & ((1 << width) - 1))
+    f = mx.stack(out, axis=-1)
+    return f.reshape(*f.shape[:-2], -1)
+
+
+def codebook_values(packed, bits, dim, codebook=None):
+    """Unscaled centroid values of packed vectors: float32 [..., dim].
+
+    ``codebook`` (2**bits floats) replaces the format's Lloyd-Max table, for
+    comparisons with other codebooks; the bit layout is the format's.
+    """
+    f = _fields(packed, bits, dim)
+    c = mx.take(_field_table(bits, codebook), f, axis=0)
+    return c.reshape(*packed.shape[:-1], dim)
+
+
 # --- encode / decode ---------------------------------------------------------------
 
 
@@ -261,10 +321,7 @@ def _encode_rows(x, bits, scale_mode):
 def _dequantize_rows(packed, scales, bits, dim):
     if fast.kernels_for_device() is not None:
         return fast.dequantize(packed, scales, bits, dim)
-    # Unpack and lookup are compiled on their own: fusing the [N, 1] scale
-    # broadcast into the select tree makes MLX's CPU kernel several times slower.
-    idx = _compiled(unpack, ("bits", bits), ("dim", dim))(packed)
-    return _compiled(lookup, ("bits", bits))(idx) * scales.astype(mx.float32)
+    return codebook_values(packed, bits, dim) * scales.astype(mx.float32)
 
 
 @functools.lru_cache(maxsize=None)
