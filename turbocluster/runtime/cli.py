@@ -164,6 +164,11 @@ def cluster_main(argv=None):
     gen.add_argument("--stop", nargs="*", default=[], help="stop when any of these strings appears")
     gen.add_argument("--max-context", type=int, default=None, help="positions to reserve (default prompt + max tokens)")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    gen.add_argument("--step-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="deadline of one decode step; a node silent past it is probed and failed over (default 30)")
+    gen.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                     help="keep a packed-KV checkpoint every STEPS steps to rebuild from after a failover "
+                          "(default 0: rebuild by replaying the steps; see docs/failover.md)")
 
     pl = sub.add_parser("plan", help="print the layer plan the nodes would get")
     _connect_args(pl)
@@ -236,6 +241,9 @@ def _generate(args):
         ids = cluster.encode(args.prompt, chat=not args.no_chat_template)
         context = args.max_context or len(ids) + args.max_tokens
         _plan_and_load(cluster, context, cache)
+        from . import failover
+
+        failover.configure(cluster, step_timeout_s=args.step_timeout, checkpoint_every=args.checkpoint_every)
         t0 = time.perf_counter()
         for piece in cluster.generate(ids, args.max_tokens, args.temp, args.top_p, args.seed, args.stop, cache):
             print(piece, end="", flush=True)

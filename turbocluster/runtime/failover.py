@@ -24,7 +24,6 @@ with doubling pauses; a failover that cannot happen (no node answers, or the
 survivors cannot hold the model) raises ``ClusterError`` saying why.
 """
 
-import logging
 import threading
 import time
 import warnings
@@ -35,8 +34,6 @@ import grpc
 
 from ..proto import turbo_pb2 as pb
 from .plan import PlanError
-
-log = logging.getLogger(__name__)
 
 # Statuses a lost node, a restarted node or a lossy link can explain; anything else is the caller's problem.
 RETRYABLE = {
@@ -65,6 +62,7 @@ class Policy:
     backoff_s: float = 0.1  # first pause between attempts; doubles, at most max_backoff_s
     max_backoff_s: float = 2.0
     load_timeout_s: float = 300.0  # deadline of a LoadLayers during a re-plan
+    checkpoint_every: int = 0  # steps between packed-KV checkpoints of a session (0 = rebuild by replay only)
 
     def step_timeout(self, tokens):
         return self.step_timeout_s + self.per_token_s * tokens
@@ -90,6 +88,8 @@ class Journal:
     steps: list = field(default_factory=list)
     epoch: int = 0  # the plan generation the session's caches live on (-1: must be rebuilt)
     done: int = 0  # steps whose KV the current plan holds
+    checkpoint: object = None  # (caches, meta) of the whole session after ``checkpoint_done`` steps
+    checkpoint_done: int = 0
 
     @property
     def reproducible(self):
@@ -110,6 +110,7 @@ class State:
         self.members = [c.address for c in cluster.clients]  # every node the cluster may use, in order
         self.spare = {}  # address -> NodeClient of members outside the current plan
         self.events = []  # one dict per recovery: lost nodes, new plan, seconds
+        self.rebuilds = []  # one dict per session rebuilt: how (replay or checkpoint), steps replayed, seconds
 
 
 def state(cluster):
@@ -129,10 +130,12 @@ def configure(cluster, **policy):
     return p
 
 
-def _error(message):
+def _error(message, impossible=False):
     from .coordinator import ClusterError
 
-    return ClusterError(message)
+    e = ClusterError(message)
+    e.impossible = impossible  # no plan over the nodes that answer: retrying cannot help
+    return e
 
 
 def _warn(cluster, message):
@@ -179,13 +182,14 @@ def forward(cluster, session_id, tokens, want):
 def _run(cluster, j):
     """Bring the session's caches up to the end of its journal; the reply of the last step."""
     s, p = state(cluster), state(cluster).policy
-    failures, rewind, reply = 0, False, None
+    failures, rewind, reply, rebuilt = 0, False, None, None
     while True:
         seen, at = s.epoch, j.done
         try:
             if j.epoch != seen:
-                _create(cluster, j)
-                j.epoch, j.done, rewind = seen, 0, False
+                t0, j.done = time.perf_counter(), _rebuild(cluster, j)
+                j.epoch, rewind = seen, False
+                rebuilt = {"session": j.session_id, "from_step": j.done, "t0": t0}
             if rewind:
                 if not _rewind(cluster, j):
                     j.epoch = -1  # a node lost the session: rebuild it
@@ -204,6 +208,10 @@ def _run(cluster, j):
                     step.out = reply.token
                 j.done += 1
                 failures = 0
+            if rebuilt is not None:
+                _rebuilt(cluster, j, rebuilt)
+            if p.checkpoint_every and j.done - j.checkpoint_done >= p.checkpoint_every:
+                _checkpoint(cluster, j)
             return reply
         except grpc.RpcError as e:
             failures = 1 if j.done > at else failures + 1
@@ -218,6 +226,49 @@ def _run(cluster, j):
             rewind = True
 
 
+def _rebuilt(cluster, j, r):
+    r = dict(r, mode="checkpoint" if r["from_step"] else "replay", steps_replayed=j.done - r["from_step"] - 1)
+    r["seconds"] = time.perf_counter() - r.pop("t0")
+    state(cluster).rebuilds.append(r)
+
+
+def _rebuild(cluster, j):
+    """Put the session on the current plan: its checkpoint if it has one, else empty; the steps it holds."""
+    from . import migration
+    from .session_io import SessionFormatError
+
+    if j.checkpoint is not None:
+        caches, meta = j.checkpoint
+        live = getattr(cluster, "live", {}).get(j.session_id)
+        for c in cluster.clients:
+            _retry(cluster, lambda: _drop(c, j.session_id, state(cluster).policy.probe_timeout_s))
+        try:
+            installed = migration.install(cluster, caches, meta, migration.current_route(cluster), j.session_id)
+        except (migration.MigrationError, SessionFormatError) as e:
+            _warn(cluster, f"session {j.session_id}: restoring its checkpoint failed ({e}); replaying every step instead")
+            j.checkpoint, j.checkpoint_done = None, 0
+        else:
+            if live is not None:  # keep the caller's record, on the new route
+                live.route = installed.route
+                cluster.live[j.session_id] = live
+            return j.checkpoint_done
+    _create(cluster, j)
+    return 0
+
+
+def _checkpoint(cluster, j):
+    """Keep the session's packed KV (all layers, sampler state) here, to rebuild from instead of replaying."""
+    from . import migration
+
+    live = getattr(cluster, "live", {}).get(j.session_id)
+    if live is None:
+        return
+    try:
+        j.checkpoint, j.checkpoint_done = migration.gather(cluster, live), j.done
+    except migration.MigrationError as e:  # the step itself succeeded; a later failover replays more
+        _warn(cluster, f"session {j.session_id}: checkpoint skipped ({e})")
+
+
 def _create(cluster, j):
     """(Re)create the session on every node of the current plan, last node first; nothing of it left over."""
     from . import migration
@@ -228,8 +279,14 @@ def _create(cluster, j):
         c, nxt = clients[i], clients[i + 1].address if i + 1 < len(clients) else ""
 
         def fresh():  # idempotent: whatever an earlier, lost attempt left there goes first
-            _drop(c, j.session_id, t)
-            c.create_session(j.session_id, j.max_context, j.cache, nxt, j.temperature, j.top_p, j.seed)
+            for attempt in range(state(cluster).policy.retries + 1):
+                _drop(c, j.session_id, t)
+                try:
+                    return c.create_session(j.session_id, j.max_context, j.cache, nxt, j.temperature, j.top_p, j.seed)
+                except grpc.RpcError as e:
+                    # an earlier attempt that timed out ran after the drop: drop that one too
+                    if e.code() != grpc.StatusCode.ALREADY_EXISTS or attempt == state(cluster).policy.retries:
+                        raise
 
         _retry(cluster, fresh)
     live = getattr(cluster, "live", {}).get(j.session_id)
@@ -294,6 +351,8 @@ def probe(cluster):
                 why = f"{e.code().name}: {e.details()}"
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     client = None  # the node restarted and forgot our handshake: shake hands again
+                elif e.code() == grpc.StatusCode.UNAVAILABLE and attempt == p.probes - 2:
+                    client = None  # last try on a fresh connection, which waits up to probe_timeout_s for the node
                 elif e.code() == grpc.StatusCode.UNAUTHENTICATED:
                     break
             time.sleep(min(p.backoff_s * 2**attempt, p.max_backoff_s))
@@ -338,6 +397,8 @@ def recover(cluster, seen_epoch):
     the layers are re-planned and loaded over the nodes that answer; sessions
     rebuild themselves on their next step. Raises ClusterError when no plan is possible.
     """
+    from .coordinator import ClusterError
+
     s = state(cluster)
     with s.lock:
         if s.epoch != seen_epoch:
@@ -352,14 +413,14 @@ def recover(cluster, seen_epoch):
                 break
             except grpc.RpcError as e:  # a node went away during the re-plan: probe again
                 why = f"{e.code().name}: {e.details()}"
-            except RuntimeError as e:
-                if "failover impossible" in str(e):
+            except ClusterError as e:
+                if getattr(e, "impossible", False):
                     raise
-                why = str(e)  # a LoadLayers failed (coordinator.ClusterError): probe again
+                why = str(e)  # a LoadLayers failed: probe again
             _warn(cluster, f"re-plan attempt {attempt + 1} failed ({why}); probing again")
             time.sleep(min(s.policy.backoff_s * 2**attempt, s.policy.max_backoff_s))
         else:
-            raise _error(f"failover impossible: the re-plan failed {s.policy.retries + 1} times; last: {why}")
+            raise _error(f"failover impossible: the re-plan failed {s.policy.retries + 1} times; last: {why}", impossible=True)
         s.epoch += 1
         event = {
             "lost": lost,
@@ -382,7 +443,7 @@ def _replan(cluster, alive, lost):
     s = state(cluster)
     if not alive:
         reasons = "; ".join(f"{a}: {why}" for a, why in lost.items())
-        raise _error(f"failover impossible: no node answered ({reasons})")
+        raise _error(f"failover impossible: no node answered ({reasons})", impossible=True)
     old = {c.address: c for c in [*s.spare.values(), *cluster.clients]}
     clients = [alive[a][0] for a in s.members if a in alive]
     for c in clients:  # LoadLayers needs an idle node; every session is rebuilt from its journal
@@ -397,6 +458,49 @@ def _replan(cluster, alive, lost):
         plan = cluster.plan(context=context, cache=cluster.plan_.cache or None)
     except PlanError as e:
         names = ", ".join(lost) or "none"
-        raise _error(f"failover impossible: the {len(clients)} surviving nodes cannot hold the model (lost: {names}): {e}") from None
+        raise _error(
+            f"failover impossible: the {len(clients)} surviving nodes cannot hold the model (lost: {names}): {e}", impossible=True
+        ) from None
     cluster.load(plan)
     return plan
+
+
+# --------------------------------------------------------------------------- health watching
+
+
+def watch(cluster, interval_s=2.0, misses=2):
+    """Health-check the plan's nodes every ``interval_s`` from a daemon thread; re-plan when one misses ``misses`` in a row.
+
+    Steps notice a lost node by their deadlines anyway; watching also notices it
+    while the cluster is idle, so the re-plan is done before the next request.
+    Returns a ``threading.Event``: set it to stop watching.
+    """
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from .coordinator import ClusterError
+
+    stop, missed = threading.Event(), {}
+    s = state(cluster)
+
+    def check(client):
+        stub = health_pb2_grpc.HealthStub(client.channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service="turbocluster.v1.Node"), timeout=s.policy.probe_timeout_s)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def loop():
+        while not stop.wait(interval_s):
+            seen = s.epoch
+            for c in list(cluster.clients):
+                missed[c.address] = 0 if check(c) else missed.get(c.address, 0) + 1
+            if any(missed.get(c.address, 0) >= misses for c in list(cluster.clients)):
+                try:
+                    recover(cluster, seen)
+                except ClusterError as e:  # nothing to fail over to; the next step reports it too
+                    _warn(cluster, f"health watch: {e}")
+                missed.clear()
+
+    threading.Thread(target=loop, name="failover-watch", daemon=True).start()
+    return stop

@@ -53,6 +53,12 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_http_proxy", 0),
+    # a node that restarts on its port must be reachable again within a second (failover.py):
+    # no connection shared with other channels, and no long reconnect backoff after a failure
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 _OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # no handshake needed
 
