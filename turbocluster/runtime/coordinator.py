@@ -215,6 +215,13 @@ class Cluster:
         cluster.secret, cluster.tls = secret, tls  # for nodes dialled later (failover, migration targets)
         return cluster
 
+    def dial(self, address, **kw):
+        """A handshaken ``NodeClient`` to ``address`` with this cluster's secret and TLS (for nodes dialled later)."""
+        return NodeClient(
+            address, self.desc["identity"], will_load=True,
+            secret=getattr(self, "secret", None), tls=getattr(self, "tls", None), **kw,
+        )
+
     def infos(self):
         return [c.info() for c in self.clients]
 

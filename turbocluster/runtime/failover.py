@@ -366,11 +366,7 @@ def probe(cluster):
 
 
 def _connect(cluster, address):
-    from .node import NodeClient
-
-    p = state(cluster).policy
-    kw = {"secret": getattr(cluster, "secret", None), "tls": getattr(cluster, "tls", None)}
-    return NodeClient(address, cluster.desc["identity"], will_load=True, timeout=p.probe_timeout_s, **{k: v for k, v in kw.items() if v})
+    return cluster.dial(address, timeout=state(cluster).policy.probe_timeout_s)
 
 
 def _intact(cluster, alive):

@@ -573,14 +573,11 @@ class Live:
 
 def connect(cluster, address):
     """The cluster's connection to ``address``, opened (and kept in ``cluster.peers``) if new."""
-    from .node import NodeClient
-
     for c in [*cluster.clients, *cluster.peers.values()]:
         if c.address == address:
             return c
     try:
-        secret = getattr(cluster, "secret", None)  # the cluster's, when it authenticates
-        client = NodeClient(address, cluster.desc["identity"], will_load=True, **({"secret": secret} if secret else {}))
+        client = cluster.dial(address)
     except grpc.RpcError as e:
         raise MigrationError(f"node {address}: {e.code().name}: {e.details()}", e.code()) from None
     cluster.peers[address] = client
