@@ -117,16 +117,20 @@ def test_greedy_output_identical_to_mlx_lm_across_nodes(local_nodes, bundled, k)
     assert all(len(step) == k for step in stats.hops)  # one hop per node per token
 
 
-def test_greedy_turbo3_identical_to_mlx_lm_with_the_same_cache(local_nodes, bundled):
+@pytest.mark.parametrize("cache", [TURBO3, {"k_bits": 5, "v_bits": 3, "key_mean": True}], ids=["turbo3", "k5v3-key-mean"])
+def test_greedy_turbo_identical_to_mlx_lm_with_the_same_cache(local_nodes, bundled, cache):
     from turbocluster.runtime.turbo_cache import make_turbo_cache
 
     model, tok, ids, _ = bundled
-    n = 40  # past EOS: long enough that 3-bit keys and values change the text
-    ref = reference_tokens(model, ids, n, set(), make_turbo_cache(model, 3, 3))
+    n = 40  # past EOS: long enough that compressed keys and values change the text
+    ref = reference_tokens(model, ids, n, set(), make_turbo_cache(model, **cache))
     assert ref != reference_tokens(model, ids, n, set())  # so the nodes must really use TurboQuant
+    plain = {k: v for k, v in cache.items() if k != "key_mean"}
+    if plain != cache:  # and really subtract the key mean
+        assert ref != reference_tokens(model, ids, n, set(), make_turbo_cache(model, **plain))
     with cluster_over(local_nodes, 2) as cluster:
-        cluster.load(cluster.plan(context=len(ids) + n, cache=TURBO3))
-        ours = list(cluster.generate_tokens(ids, max_tokens=n, cache=TURBO3, stop_at_eos=False))
+        cluster.load(cluster.plan(context=len(ids) + n, cache=cache))
+        ours = list(cluster.generate_tokens(ids, max_tokens=n, cache=cache, stop_at_eos=False))
     assert ours == ref
 
 

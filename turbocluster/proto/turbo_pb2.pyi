@@ -179,16 +179,18 @@ class LoadProgress(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., stage: _Optional[str] = ..., message: _Optional[str] = ..., done: _Optional[bool] = ..., info: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
 
 class CacheConfig(_message.Message):
-    __slots__ = ("k_bits", "v_bits", "fp16_layers", "quantized_start")
+    __slots__ = ("k_bits", "v_bits", "fp16_layers", "quantized_start", "key_mean")
     K_BITS_FIELD_NUMBER: _ClassVar[int]
     V_BITS_FIELD_NUMBER: _ClassVar[int]
     FP16_LAYERS_FIELD_NUMBER: _ClassVar[int]
     QUANTIZED_START_FIELD_NUMBER: _ClassVar[int]
+    KEY_MEAN_FIELD_NUMBER: _ClassVar[int]
     k_bits: int
     v_bits: int
     fp16_layers: int
     quantized_start: int
-    def __init__(self, k_bits: _Optional[int] = ..., v_bits: _Optional[int] = ..., fp16_layers: _Optional[int] = ..., quantized_start: _Optional[int] = ...) -> None: ...
+    key_mean: bool
+    def __init__(self, k_bits: _Optional[int] = ..., v_bits: _Optional[int] = ..., fp16_layers: _Optional[int] = ..., quantized_start: _Optional[int] = ..., key_mean: _Optional[bool] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "seed")

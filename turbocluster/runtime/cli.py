@@ -120,6 +120,8 @@ def _cache_args(p):
     p.add_argument("--kv-bits", type=int, default=None, help="TurboQuant bits for keys and values (default fp16)")
     p.add_argument("--k-bits", type=int, default=None, help="TurboQuant bits for keys")
     p.add_argument("--v-bits", type=int, default=None, help="TurboQuant bits for values")
+    p.add_argument("--key-mean", action="store_true",
+                   help="subtract a per-channel key mean before encoding (best measured: --k-bits 5 --v-bits 3 --key-mean)")
 
 
 def _cache(args):
@@ -127,7 +129,9 @@ def _cache(args):
     v = args.v_bits if args.v_bits is not None else args.kv_bits
     if (k is None) != (v is None):
         raise SystemExit(f"give both --k-bits and --v-bits (or --kv-bits), got k={k} v={v}")
-    return {"k_bits": k, "v_bits": v} if k else None
+    if args.key_mean and not k:
+        raise SystemExit("--key-mean needs a TurboQuant cache: give --kv-bits or --k-bits/--v-bits")
+    return {"k_bits": k, "v_bits": v, **({"key_mean": True} if args.key_mean else {})} if k else None
 
 
 def _connect(args):

@@ -458,7 +458,10 @@ class NodeServicer(pb_grpc.NodeServicer):
         if c.k_bits or c.v_bits:
             if not (c.k_bits and c.v_bits):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"give both k_bits and v_bits, got {c.k_bits}/{c.v_bits}")
-            cache = {"k_bits": c.k_bits, "v_bits": c.v_bits, "fp16_layers": c.fp16_layers, "quantized_start": c.quantized_start}
+            cache = {
+                "k_bits": c.k_bits, "v_bits": c.v_bits, "fp16_layers": c.fp16_layers,
+                "quantized_start": c.quantized_start, "key_mean": c.key_mean,
+            }
         s = request.sampling
         if not (math.isfinite(s.temperature) and s.temperature >= 0 and 0 <= s.top_p <= 1):
             raise Refused(
@@ -495,6 +498,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 v_bits=c.get("v_bits", 0),
                 fp16_layers=c.get("fp16_layers", 0),
                 quantized_start=c.get("quantized_start", 0),
+                key_mean=c.get("key_mean", False),
             ),
             kv_bytes_reserved=s.kv_bytes_reserved,
             kv_bytes_used=s.kv_bytes_used(),

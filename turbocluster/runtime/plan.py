@@ -76,7 +76,7 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        cache = "fp16" if not self.cache.get("k_bits") else f"turbo k{self.cache['k_bits']}/v{self.cache['v_bits']}"
+        cache = "fp16" if not self.cache.get("k_bits") else f"turbo k{self.cache['k_bits']}/v{self.cache['v_bits']}" + (" key-mean" if self.cache.get("key_mean") else "")
         head = f"plan for {self.model} ({self.num_layers} layers, context {self.context}, KV {cache})"
         return "\n".join([head] + lines)
 

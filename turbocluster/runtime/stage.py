@@ -74,6 +74,7 @@ def make_caches(model, cache=None, max_context=None):
         v_bits=cache.get("v_bits") or 4,
         fp16_layers=cache.get("fp16_layers", 0),
         quantized_start=cache.get("quantized_start", 0),
+        key_mean=cache.get("key_mean", False),
     )
 
 
