@@ -329,7 +329,7 @@ def _compiled(fn, *static):
     return mx.compile(functools.partial(fn, **dict(static)))
 
 
-def _chunked(fn, arrays, trailing):
+def _chunked(fn, arrays):
     """Run ``fn`` over the flattened leading axes in chunks of CHUNK_VECTORS rows."""
     lead = arrays[0].shape[:-1]
     flat = [a.reshape(-1, a.shape[-1]) for a in arrays]
@@ -352,7 +352,7 @@ def encode(x, bits, scale_mode=DEFAULT_SCALE_MODE):
         raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
     # Compiled piece by piece (see _dequantize_rows): whole-graph fusion is slower on CPU.
     fn = functools.partial(_encode_rows, bits=bits, scale_mode=scale_mode)
-    return _chunked(fn, [x], None)
+    return _chunked(fn, [x])
 
 
 def _check_packed(packed, scales, bits, dim):
@@ -385,7 +385,7 @@ def dequantize_rotated(packed, scales, bits, dim=None):
     _check_bits(bits)
     dim = _check_packed(packed, scales, bits, dim)
     fn = functools.partial(_dequantize_rows, bits=bits, dim=dim)
-    return _chunked(fn, [packed, scales], None)
+    return _chunked(fn, [packed, scales])
 
 
 def decode(packed, scales, bits, dim=None):

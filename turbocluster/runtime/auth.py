@@ -24,6 +24,8 @@ from pathlib import Path
 
 import grpc
 
+from . import handlers
+
 log = logging.getLogger(__name__)
 
 HEADER = "turbo-auth"
@@ -164,13 +166,7 @@ def _refusing(handler, reason, aio=False):
         def refuse(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return handlers.like(handler, refuse)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from . import handlers
+
 ENV = "TURBO_FAULTS"
 KINDS = ("drop", "delay", "corrupt")
 SERVICE_PREFIX = "/turbocluster.v1.Node/"
@@ -113,19 +115,13 @@ class FaultInterceptor(grpc.ServerInterceptor):
 
 def _wrap(handler, fault):
     """``handler`` with ``fault`` applied, keeping its call shape and (de)serialisers."""
-    streaming = (handler.request_streaming, handler.response_streaming)
-    behavior = {
-        (False, False): handler.unary_unary,
-        (False, True): handler.unary_stream,
-        (True, False): handler.stream_unary,
-        (True, True): handler.stream_stream,
-    }[streaming]
+    behavior = handlers.behavior(handler)
     deserialize = handler.request_deserializer
 
     if fault.kind == "corrupt":
         deserialize = (lambda raw: handler.request_deserializer(flip(raw))) if handler.request_deserializer else flip
 
-    if streaming[1]:
+    if handler.response_streaming:
 
         def run(request, context):
             if fault.kind == "delay":
@@ -145,10 +141,4 @@ def _wrap(handler, fault):
                 context.abort(grpc.StatusCode.UNAVAILABLE, "fault injected: reply dropped")
             return reply
 
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[streaming]
-    return make(run, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+    return handlers.like(handler, run, deserialize, handler.response_serializer)

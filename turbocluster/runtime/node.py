@@ -34,7 +34,7 @@ from mlx_lm.sample_utils import apply_top_p
 from ..kernels.turboquant import FORMAT_VERSION
 from ..proto import turbo_pb2 as pb
 from ..proto import turbo_pb2_grpc as pb_grpc
-from . import auth, discovery, migration, plan, stage, wire
+from . import auth, discovery, handlers, migration, plan, stage, wire
 from .sessions import Session, SessionError, SessionStore
 
 SERVICE = "turbocluster.v1.Node"
@@ -130,20 +130,14 @@ def _checked(handler, crc):
         except DecodeError as e:
             return _Bad(grpc.StatusCode.INVALID_ARGUMENT, f"request body of {len(raw)} bytes is not a valid message: {e}")
 
-    shape = (handler.request_streaming, handler.response_streaming)
-    behavior = {
-        (False, False): handler.unary_unary,
-        (False, True): handler.unary_stream,
-        (True, False): handler.stream_unary,
-        (True, True): handler.stream_stream,
-    }[shape]
+    behavior = handlers.behavior(handler)
 
     def good(request, context):
         if isinstance(request, _Bad):
             context.abort(request.code, request.why)
         return request
 
-    if shape[0]:  # every message of a stream: the checksum is the unary calls' only (chunks carry crc32)
+    if handler.request_streaming:  # every message of a stream: the checksum is the unary calls' only (chunks carry crc32)
         deserialize = _parse_only(parse)
 
         def run(requests, context):
@@ -153,13 +147,7 @@ def _checked(handler, crc):
         def run(request, context):
             return behavior(good(request, context), context)
 
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[shape]
-    return make(run, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+    return handlers.like(handler, run, deserialize, handler.response_serializer)
 
 
 def _parse_only(parse):
@@ -182,14 +170,7 @@ def _refusal(handler, reason):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
         yield  # pragma: no cover
 
-    kind = (handler.request_streaming, handler.response_streaming)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[kind]
-    return make(abort_stream if kind[1] else abort)
+    return handlers.like(handler, abort_stream if handler.response_streaming else abort)
 
 
 def _status(e):
@@ -539,11 +520,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             if t.dtype not in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"hidden state must be float32/float16/bfloat16, got dtype {t.dtype}")
             raw = t.data if data is None else data
-            expected = math.prod(shape) * wire.DTYPES[t.dtype][1].itemsize
-            if len(raw) != expected:
-                raise Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"hidden state of shape {shape} needs {expected} bytes, got {len(raw)}"
-                )
+            wire.check_tensor(int(t.dtype), shape, raw)  # WireError -> INVALID_ARGUMENT, before the model thread
             return (lambda: wire.from_proto(t, raw)), shape[1], len(raw)
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a Forward needs tokens or a hidden tensor")
 

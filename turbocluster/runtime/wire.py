@@ -59,8 +59,11 @@ def tensor_to_bytes(a):
     return code, tuple(a.shape), data
 
 
-def tensor_from_bytes(code, shape, data, max_bytes=MAX_TENSOR_BYTES):
-    """Build an mx.array from wire parts, checking code, shape and byte count first."""
+def check_tensor(code, shape, data, max_bytes=MAX_TENSOR_BYTES):
+    """Raise ``WireError`` unless code, shape and byte count describe a tensor; else its dtypes.
+
+    Callers that build the array later (on another thread) check with this first.
+    """
     if type(code) is not int or code not in DTYPES:
         raise WireError(f"unknown dtype code {code!r}; known codes are {sorted(DTYPES)}")
     shape = tuple(shape)
@@ -76,6 +79,13 @@ def tensor_from_bytes(code, shape, data, max_bytes=MAX_TENSOR_BYTES):
         raise WireError(
             f"shape {list(shape)} of {mxd} needs {expected} bytes, got {len(data)}"
         )
+    return mxd, npd
+
+
+def tensor_from_bytes(code, shape, data, max_bytes=MAX_TENSOR_BYTES):
+    """Build an mx.array from wire parts, checking code, shape and byte count first."""
+    mxd, npd = check_tensor(code, shape, data, max_bytes)
+    shape = tuple(shape)
     arr = mx.array(np.frombuffer(data, dtype=npd).reshape(shape))
     return arr.view(mx.bfloat16) if mxd == mx.bfloat16 else arr
 
