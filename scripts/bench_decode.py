@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_cache
 
 from turbocluster.kernels import native
-from turbocluster.runtime.turbo_cache import make_turbo_cache
+from turbocluster.runtime.cache.turbo_cache import make_turbo_cache
 
 CACHES = {
     "fp16": lambda m: mlx_cache.make_prompt_cache(m),
@@ -35,7 +35,7 @@ CACHES = {
 
 def load_model(random_model):
     if not random_model:
-        from turbocluster.runtime import loader
+        from turbocluster.runtime.model import loader
 
         return loader.load()[0]
     from mlx_lm.models import llama

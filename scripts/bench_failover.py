@@ -50,8 +50,9 @@ def main():
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from turbocluster.runtime import loader, session_io
-    from turbocluster.runtime.turbo_cache import make_turbo_cache
+    from turbocluster.runtime.model import loader
+    from turbocluster.runtime.sessions import container as session_io
+    from turbocluster.runtime.cache.turbo_cache import make_turbo_cache
 
     model, _ = loader.load()
     desc = loader.describe()

@@ -37,7 +37,7 @@ def synthetic_caches(desc, context, cache, seed=0):
     """One cache per layer holding ``context`` random positions of the model's KV shape."""
     from mlx_lm.models.cache import KVCache
 
-    from turbocluster.runtime.turbo_cache import TurboQuantKVCache
+    from turbocluster.runtime.cache.turbo_cache import TurboQuantKVCache
 
     shape = (1, desc["num_kv_heads"], context, desc["head_dim"])
     out = []
@@ -81,7 +81,7 @@ def bench_inproc(desc, contexts):
 
 
 def bench_nodes(desc, contexts):
-    from turbocluster.runtime.coordinator import Cluster, start_local_nodes, stop_local_nodes
+    from turbocluster.runtime.cluster.cluster import Cluster, start_local_nodes, stop_local_nodes
 
     rows = []
     nodes = start_local_nodes(2)

@@ -23,9 +23,9 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
-from turbocluster.runtime import loader
-from turbocluster.runtime.coordinator import Cluster, start_local_nodes, stop_local_nodes
-from turbocluster.runtime.turbo_cache import make_turbo_cache
+from turbocluster.runtime.model import loader
+from turbocluster.runtime.cluster.cluster import Cluster, start_local_nodes, stop_local_nodes
+from turbocluster.runtime.cache.turbo_cache import make_turbo_cache
 
 CACHES = {"fp16": None, "turbo3": {"k_bits": 3, "v_bits": 3}}
 

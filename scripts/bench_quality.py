@@ -32,7 +32,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 
-from turbocluster.runtime.turbo_cache import TurboQuantKVCache, make_turbo_cache
+from turbocluster.runtime.cache.turbo_cache import TurboQuantKVCache, make_turbo_cache
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
@@ -218,7 +218,7 @@ def attribution(model, tokens, k_bits, v_bits):
     from mlx_lm.models import base
 
     from turbocluster.kernels import turboquant as tq
-    from turbocluster.runtime import attention
+    from turbocluster.runtime.cache import attention
 
     records, original = [], attention._original_sdpa
 
@@ -274,7 +274,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
-    from turbocluster.runtime import loader
+    from turbocluster.runtime.model import loader
 
     model, tokenizer = loader.load(args.model)
     if not args.mlx_matmul and mx.default_device() == mx.cpu:

@@ -65,8 +65,9 @@ def run(args):
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from turbocluster.runtime import failover, loader
-    from turbocluster.runtime.coordinator import Cluster, ClusterError, start_local_nodes, stop_local_nodes
+    from turbocluster.runtime.cluster import failover
+    from turbocluster.runtime.model import loader
+    from turbocluster.runtime.cluster.cluster import Cluster, ClusterError, start_local_nodes, stop_local_nodes
 
     rng = random.Random(args.seed)
     model, tok = loader.load()

@@ -48,7 +48,7 @@ def build_tiny(kind, seed=0):
 
 
 def bundled_tokenizer():
-    from turbocluster.runtime import gguf
+    from turbocluster.runtime.model import gguf
 
     _, meta = gguf.read(bundled_gguf())
     return gguf.tokenizer(meta)
@@ -73,7 +73,7 @@ def tiny_model_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_nodes():
     """Three empty node processes on loopback (ephemeral ports), shared by a test module."""
-    from turbocluster.runtime.coordinator import start_local_nodes, stop_local_nodes
+    from turbocluster.runtime.cluster.cluster import start_local_nodes, stop_local_nodes
 
     nodes = start_local_nodes(3)
     try:

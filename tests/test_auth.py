@@ -7,7 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from turbocluster.runtime import auth
+from turbocluster.runtime.transport import auth
 
 SECRET = "0123456789abcdef" * 4
 ECHO = "/test.Echo/Echo"

@@ -16,10 +16,14 @@ from mlx_lm.models.cache import make_prompt_cache
 from conftest import TINY, build_tiny
 from turbocluster.proto import turbo_pb2 as pb
 from turbocluster.proto import turbo_pb2_grpc as pb_grpc
-from turbocluster.runtime import discovery, loader, stage, wire
-from turbocluster.runtime.coordinator import Cluster, start_local_nodes, stop_local_nodes
-from turbocluster.runtime.node import MD_PROTOCOL, NodeClient, NodeServicer, make_server
-from turbocluster.runtime.plan import NodeSpec, make_plan
+from turbocluster.runtime.transport import discovery
+from turbocluster.runtime.model import loader
+from turbocluster.runtime.model import shard as stage
+from turbocluster.runtime.transport import wire
+from turbocluster.runtime.cluster.cluster import Cluster, start_local_nodes, stop_local_nodes
+from turbocluster.runtime.node.servicer import NodeServicer, make_server
+from turbocluster.runtime.transport.client import MD_PROTOCOL, NodeClient
+from turbocluster.runtime.cluster.plan import NodeSpec, make_plan
 
 SPLITS = {
     "qwen3": [[(0, 5)], [(0, 2), (2, 5)], [(0, 1), (1, 4), (4, 5)]],
@@ -119,7 +123,7 @@ def test_greedy_output_identical_to_mlx_lm_across_nodes(local_nodes, bundled, k)
 
 @pytest.mark.parametrize("cache", [TURBO3, {"k_bits": 5, "v_bits": 3, "key_mean": True}], ids=["turbo3", "k5v3-key-mean"])
 def test_greedy_turbo_identical_to_mlx_lm_with_the_same_cache(local_nodes, bundled, cache):
-    from turbocluster.runtime.turbo_cache import make_turbo_cache
+    from turbocluster.runtime.cache.turbo_cache import make_turbo_cache
 
     model, tok, ids, _ = bundled
     n = 40  # past EOS: long enough that compressed keys and values change the text

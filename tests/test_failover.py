@@ -12,8 +12,9 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
 
-from turbocluster.runtime import failover, loader
-from turbocluster.runtime.coordinator import Cluster, ClusterError, start_local_nodes, stop_local_nodes
+from turbocluster.runtime.cluster import failover
+from turbocluster.runtime.model import loader
+from turbocluster.runtime.cluster.cluster import Cluster, ClusterError, start_local_nodes, stop_local_nodes
 
 PROMPT = "Name three colours."
 MAX_TOKENS = 10

@@ -18,9 +18,13 @@ from hypothesis import strategies as st
 from mlx_lm.generate import generate_step
 
 from turbocluster.proto import turbo_pb2 as pb
-from turbocluster.runtime import discovery, failover, faults, loader
-from turbocluster.runtime.coordinator import Cluster, start_local_nodes, stop_local_nodes
-from turbocluster.runtime.node import MD_CRC, NodeClient, NodeServicer, make_server
+from turbocluster.runtime.transport import discovery
+from turbocluster.runtime.cluster import failover
+from turbocluster.runtime.transport import faults
+from turbocluster.runtime.model import loader
+from turbocluster.runtime.cluster.cluster import Cluster, start_local_nodes, stop_local_nodes
+from turbocluster.runtime.node.servicer import NodeServicer, make_server
+from turbocluster.runtime.transport.client import MD_CRC, NodeClient
 
 PROMPT = "Name three colours."
 MAX_TOKENS = 8

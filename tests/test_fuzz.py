@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
-from turbocluster.runtime import session_io, wire
-from turbocluster.runtime.session_io import SessionFormatError, pack_session, unpack_session
+from turbocluster.runtime.sessions import container as session_io
+from turbocluster.runtime.transport import wire
+from turbocluster.runtime.sessions.container import SessionFormatError, pack_session, unpack_session
 
 EXAMPLES = int(os.environ.get("TURBO_FUZZ_EXAMPLES", "200"))
 fuzz = settings(

@@ -7,7 +7,8 @@ import pytest
 from mlx_lm import generate
 from mlx_lm.models.base import create_attention_mask
 
-from turbocluster.runtime import gguf, loader
+from turbocluster.runtime.model import gguf
+from turbocluster.runtime.model import loader
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 

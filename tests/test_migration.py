@@ -14,9 +14,12 @@ import msgpack
 import pytest
 
 from conftest import build_tiny
-from turbocluster.runtime import migration, session_io, stage, wire
-from turbocluster.runtime.session_io import SessionFormatError
-from turbocluster.runtime.sessions import Session, SessionError, SessionStore
+from turbocluster.runtime.sessions import transfer as migration
+from turbocluster.runtime.sessions import container as session_io
+from turbocluster.runtime.model import shard as stage
+from turbocluster.runtime.transport import wire
+from turbocluster.runtime.sessions.container import SessionFormatError
+from turbocluster.runtime.sessions.store import Session, SessionError, SessionStore
 
 MODEL_ID = "test/tiny-qwen3@random-0"
 PROMPT = [5, 17, 300, 41, 9, 1000, 77, 12, 3, 8, 600, 2]
@@ -243,8 +246,9 @@ import grpc  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 
 from turbocluster.proto import turbo_pb2 as pb  # noqa: E402
-from turbocluster.runtime import cli, loader  # noqa: E402
-from turbocluster.runtime.coordinator import Cluster, start_local_nodes, stop_local_nodes  # noqa: E402
+from turbocluster.runtime.cli import main as cli  # noqa: E402
+from turbocluster.runtime.model import loader  # noqa: E402
+from turbocluster.runtime.cluster.cluster import Cluster, start_local_nodes, stop_local_nodes  # noqa: E402
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 N = 8  # tokens before and after each move
@@ -272,7 +276,7 @@ def bundled():
 
 def reference(bundled, cache=None, n=2 * N):
     """Greedy tokens from mlx-lm in this process, without stopping at EOS (the cluster runs are told the same)."""
-    from turbocluster.runtime.turbo_cache import make_turbo_cache
+    from turbocluster.runtime.cache.turbo_cache import make_turbo_cache
 
     model, ids = bundled
     prompt_cache = make_turbo_cache(model, **cache) if cache else None

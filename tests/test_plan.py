@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from turbocluster.runtime.plan import NodeSpec, Plan, PlanError, kv_bytes, make_plan, split_counts
+from turbocluster.runtime.cluster.plan import NodeSpec, Plan, PlanError, kv_bytes, make_plan, split_counts
 
 MiB = 1 << 20
 DESC = {

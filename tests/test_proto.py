@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 
 from turbocluster.proto import turbo_pb2 as pb
-from turbocluster.runtime import wire
+from turbocluster.runtime.transport import wire
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = ROOT / "turbocluster" / "proto" / "turbo.proto"

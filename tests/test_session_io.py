@@ -8,8 +8,8 @@ from mlx_lm.models import llama
 from mlx_lm.models.cache import ChunkedKVCache, KVCache, QuantizedKVCache, RotatingKVCache
 
 from turbocluster.kernels.turboquant import FORMAT_VERSION
-from turbocluster.runtime import session_io
-from turbocluster.runtime.session_io import (
+from turbocluster.runtime.sessions import container as session_io
+from turbocluster.runtime.sessions.container import (
     MAGIC,
     SessionFormatError,
     load_snapshot,
@@ -113,7 +113,7 @@ TURBO_CONFIGS = {
 @pytest.mark.parametrize("config", sorted(TURBO_CONFIGS))
 def test_turbo_cache_round_trip(model, config):
     turbo = pytest.importorskip(
-        "turbocluster.runtime.turbo_cache", reason="TurboQuantKVCache is not written yet"
+        "turbocluster.runtime.cache.turbo_cache", reason="TurboQuantKVCache is not written yet"
     )
     caches, logits = prefill(model, lambda: turbo.TurboQuantKVCache(**TURBO_CONFIGS[config]))
     data = pack_session(caches, meta_for())
@@ -298,7 +298,7 @@ def test_failed_save_and_load_leave_nothing_behind(tmp_path, model):
 
 
 def test_malformed_turbo_state_is_refused(model):
-    turbo = pytest.importorskip("turbocluster.runtime.turbo_cache", reason="TurboQuantKVCache is not written yet")
+    turbo = pytest.importorskip("turbocluster.runtime.cache.turbo_cache", reason="TurboQuantKVCache is not written yet")
     caches, _ = prefill(model, lambda: turbo.TurboQuantKVCache(k_bits=4, v_bits=3))
     good = body_of(pack_session(caches, meta_for()))
 

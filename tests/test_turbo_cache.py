@@ -7,8 +7,8 @@ from mlx_lm.models import gemma3_text, llama, qwen3
 
 from turbocluster.kernels import turboquant as tq
 from turbocluster.kernels import native
-from turbocluster.runtime import attention
-from turbocluster.runtime.turbo_cache import TurboQuantKVCache, make_cache, make_turbo_cache
+from turbocluster.runtime.cache import attention
+from turbocluster.runtime.cache.turbo_cache import TurboQuantKVCache, make_cache, make_turbo_cache
 
 VOCAB = 128
 

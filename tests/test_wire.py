@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 
 from turbocluster.kernels import FORMAT_VERSION
-from turbocluster.runtime import wire
+from turbocluster.runtime.transport import wire
 
 
 @pytest.mark.parametrize(

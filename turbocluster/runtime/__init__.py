@@ -1,4 +1,4 @@
 """Caches, model loading, nodes and the coordinator."""
 
-from .loader import load
-from .turbo_cache import TurboQuantKVCache, make_turbo_cache
+from .model.loader import load
+from .cache.turbo_cache import TurboQuantKVCache, make_turbo_cache

@@ -54,8 +54,8 @@ def node_main(argv=None):
     serve.add_argument("--faults", default=None, help="inject faults for testing, e.g. drop:7,delay:5:0.2,corrupt:11 "
                        "(also $TURBO_FAULTS; see turbocluster/runtime/faults.py)")
     args = parser.parse_args(argv)
-    from . import faults
-    from .node import serve as run
+    from ..transport import faults
+    from ..node.servicer import serve as run
 
     secret = _secret(args)
     if args.session_ttl < 0:
@@ -100,7 +100,7 @@ def _secret_arg(p):
 
 def _secret(args):
     """The cluster secret from $TURBO_CLUSTER_SECRET or --secret-file, else None (no auth)."""
-    from . import auth
+    from ..transport import auth
 
     if args.secret_file or os.environ.get(auth.ENV_SECRET):
         return auth.load_or_create_secret(args.secret_file)
@@ -135,7 +135,7 @@ def _cache(args):
 
 
 def _connect(args):
-    from .coordinator import Cluster
+    from ..cluster.cluster import Cluster
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     return Cluster.connect(args.model, args.nodes, args.local, args.discover_timeout, log=log, secret=_secret(args), tls=_tls(args))
@@ -205,11 +205,11 @@ def cluster_main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "nodes":
         return _nodes(args)
-    from .coordinator import ClusterError
-    from .discovery import DiscoveryError
-    from .migration import MigrationError
-    from .plan import PlanError
-    from .session_io import SessionFormatError
+    from ..cluster.cluster import ClusterError
+    from ..transport.discovery import DiscoveryError
+    from ..sessions.transfer import MigrationError
+    from ..cluster.plan import PlanError
+    from ..sessions.container import SessionFormatError
 
     try:
         if args.command == "plan":
@@ -226,7 +226,7 @@ def cluster_main(argv=None):
 
 
 def _nodes(args):
-    from .discovery import browse
+    from ..transport.discovery import browse
 
     found = browse(args.discover_timeout)
     if not found:
@@ -245,7 +245,7 @@ def _generate(args):
         ids = cluster.encode(args.prompt, chat=not args.no_chat_template)
         context = args.max_context or len(ids) + args.max_tokens
         _plan_and_load(cluster, context, cache)
-        from . import failover
+        from ..cluster import failover
 
         failover.configure(cluster, step_timeout_s=args.step_timeout, checkpoint_every=args.checkpoint_every)
         t0 = time.perf_counter()

@@ -7,7 +7,7 @@ a next node, forwards each step's hidden state there itself, so a decode step
 is one call from the coordinator that walks the pipeline node to node and
 comes back with the sampled token.
 
-Run it with ``turbo-node serve`` or ``python -m turbocluster.runtime.node serve``.
+Run it with ``turbo-node serve`` or ``python -m turbocluster.runtime.cli.node serve``.
 """
 
 import math
@@ -31,35 +31,27 @@ from grpc_reflection.v1alpha import reflection
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import apply_top_p
 
-from ..kernels.turboquant import FORMAT_VERSION
-from ..proto import turbo_pb2 as pb
-from ..proto import turbo_pb2_grpc as pb_grpc
-from . import auth, discovery, handlers, migration, plan, stage, wire
-from .sessions import Session, SessionError, SessionStore
+from ...kernels.turboquant import FORMAT_VERSION
+from ...proto import turbo_pb2 as pb
+from ...proto import turbo_pb2_grpc as pb_grpc
+from ..transport import auth
+from ..transport import discovery
+from ..transport import handlers
+from ..sessions import transfer as migration
+from ..cluster import plan
+from ..model import shard as stage
+from ..transport import wire
+from ..transport.client import CHANNEL_OPTIONS, MD_COMPAT, MD_CRC, MD_PROTOCOL, MD_TOKEN, NodeClient
+from ..sessions.store import Session, SessionError, SessionStore
 
 SERVICE = "turbocluster.v1.Node"
-MD_PROTOCOL, MD_TOKEN, MD_COMPAT = "turbo-protocol", "turbo-token", "turbo-compat"
-MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default cap; payloads above CHUNK_BYTES go by ForwardStream
 MAX_STEP_TOKENS = 8192  # positions in one Forward
 MAX_CONTEXT = 1 << 20
 MAX_TOKENS = 1024  # live handshake tokens; the oldest is forgotten first
-MD_CRC = "turbo-crc32"  # zlib.crc32 of the serialised request body, decimal; checked before it is parsed
 MAX_SESSION_ID = 256  # characters of a session id
 DEFAULT_SESSION_TTL = 1800.0  # seconds a session may sit idle before the node frees it
-FORWARD_TIMEOUT = 120.0  # default deadline of a Forward walking the pipeline (the coordinator sets its own)
 _CRC = re.compile(r"[0-9]{1,10}")
 _OUTPUTS = (pb.OUTPUT_UNSPECIFIED, pb.NONE, pb.HIDDEN, pb.LOGITS, pb.TOKEN)
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.enable_http_proxy", 0),
-    # a node that restarts on its port must be reachable again within a second (failover.py):
-    # no connection shared with other channels, and no long reconnect backoff after a failure
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 _OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # no handshake needed
 
 
@@ -353,7 +345,7 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     @_rpc_stream
     def LoadLayers(self, request, context):
-        from . import loader
+        from ..model import loader
 
         md = dict(context.invocation_metadata())
         with self._lock:
@@ -721,7 +713,7 @@ def make_server(servicer, host="127.0.0.1", port=0, max_workers=16, faults=None)
     """
     gates = ([auth.AuthInterceptor(servicer.secret)] if servicer.secret else []) + [_Gate(servicer)]
     if faults:  # outermost, so a corrupted body meets the checksum as a bad link's would
-        from .faults import FaultInterceptor
+        from ..transport.faults import FaultInterceptor
 
         gates.insert(0, FaultInterceptor(faults, log=lambda m: print(m, file=sys.stderr, flush=True)))
     server = grpc.server(
@@ -764,7 +756,7 @@ def serve(
         print(f"warning: fault injection is on: {faults}", file=sys.stderr, flush=True)
     servicer = NodeServicer(name=name, memory_budget=memory_budget, secret=secret, session_ttl=session_ttl, tls=tls)
     if layers is not None:
-        from . import loader
+        from ..model import loader
 
         desc = loader.describe(model)
         m = servicer.run_on_model_thread(servicer._load, loader, model, *layers)
@@ -798,134 +790,3 @@ def serve(
     server.stop(grace=1.0).wait()
     servicer.close()
     print(f"turbo-node {servicer.name} stopped", flush=True)
-
-
-# --------------------------------------------------------------------------- client
-
-
-class NodeClient:
-    """One handshaken connection to a node. Failed calls raise grpc.RpcError with the node's status.
-
-    Every call has a deadline (``timeout`` seconds unless the method says otherwise), so a
-    node that stops answering fails the call with DEADLINE_EXCEEDED instead of hanging it;
-    unary requests carry the crc32 of their body (``turbo-crc32``), checked by the node.
-    ``tls`` = ``{"ca", "cert", "key"}`` (PEM paths) dials with TLS, presenting a client
-    certificate when cert and key are given (mTLS).
-    """
-
-    def __init__(
-        self, address, model_identity, client_name="coordinator", timeout=10.0, will_load=False, secret=None, tls=None,
-        load_timeout=600.0,
-    ):
-        self.address = address
-        self.timeout, self.load_timeout = timeout, load_timeout
-        if tls:
-            creds = auth.channel_credentials(tls.get("ca"), tls.get("cert"), tls.get("key"))
-            self.channel = grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        calls = auth.authenticated_channel(self.channel, secret) if secret else self.channel
-        self.stub = pb_grpc.NodeStub(calls)
-        self.compat = wire.compat_hash(model_identity)
-        try:
-            reply = self.stub.Handshake(
-                pb.HandshakeRequest(
-                    protocol_version=wire.PROTOCOL_VERSION,
-                    format_version=FORMAT_VERSION,
-                    model_identity=model_identity,
-                    compat_hash=self.compat,
-                    client_name=client_name,
-                    will_load=will_load,
-                ),
-                metadata=((MD_PROTOCOL, str(wire.PROTOCOL_VERSION)),),
-                timeout=timeout,
-                wait_for_ready=True,
-            )
-        except grpc.RpcError:
-            self.channel.close()
-            raise
-        self.token = reply.token
-        self.handshake = reply
-        self.metadata = (
-            (MD_PROTOCOL, str(wire.PROTOCOL_VERSION)),
-            (MD_TOKEN, reply.token),
-            (MD_COMPAT, self.compat),
-        )
-
-    def _md(self, request):
-        """Metadata for a unary call: the handshake's, plus the crc32 of ``request``'s body."""
-        return self.metadata + ((MD_CRC, str(zlib.crc32(request.SerializeToString()))),)
-
-    def _unary(self, rpc, request, timeout=None):
-        return rpc(request, metadata=self._md(request), timeout=timeout or self.timeout)
-
-    def info(self, timeout=None):
-        return self._unary(self.stub.GetInfo, pb.InfoRequest(), timeout)
-
-    def load(self, model, start, end, progress=None):
-        """LoadLayers; ``progress(LoadProgress)`` sees every message. Returns the final NodeInfo."""
-        last = None
-        request = pb.LoadRequest(model=model or "", layer_start=start, layer_end=end)
-        for p in self.stub.LoadLayers(request, metadata=self._md(request), timeout=self.load_timeout):
-            last = p
-            if progress:
-                progress(p)
-        if last is None or not last.done:
-            raise RuntimeError(f"node {self.address} ended LoadLayers without a done message")
-        return last.info
-
-    def create_session(self, session_id, max_context, cache=None, next_address="", temperature=0.0, top_p=0.0, seed=None):
-        cache = cache or {}
-        sampling = pb.Sampling(temperature=temperature, top_p=top_p)
-        if seed is not None:
-            sampling.seed = seed
-        request = pb.CreateSessionRequest(
-            session_id=session_id,
-            max_context=max_context,
-            cache=pb.CacheConfig(**{k: v for k, v in cache.items() if v}),
-            next_address=next_address,
-            sampling=sampling,
-        )
-        return self._unary(self.stub.CreateSession, request)
-
-    def forward(self, session_id, tokens=None, hidden=None, want=pb.TOKEN, timeout=None):
-        """One step with token ids or an mx.array hidden state (made on the calling thread)."""
-        if tokens is not None:
-            request = pb.ForwardRequest(session_id=session_id, want=want)
-            request.tokens.ids.extend(tokens)
-            return self._unary(self.stub.Forward, request, timeout or FORWARD_TIMEOUT)
-        return self.forward_tensor(session_id, *wire.to_proto(hidden, with_data=False), want, timeout=timeout)
-
-    def forward_tensor(self, session_id, t, raw, want=pb.TOKEN, timeout=None):
-        """One step with a serialised hidden state; payloads above CHUNK_BYTES go by ForwardStream."""
-        request = pb.ForwardRequest(session_id=session_id, want=want)
-        if len(raw) <= wire.CHUNK_BYTES:
-            t.data = raw
-            request.hidden.CopyFrom(t)
-            return self._unary(self.stub.Forward, request, timeout or FORWARD_TIMEOUT)
-        request.hidden.CopyFrom(t)
-
-        def messages():
-            yield pb.ForwardChunk(header=request, payload_bytes=len(raw))
-            for c in wire.proto_chunks(raw):
-                yield pb.ForwardChunk(chunk=c)
-
-        return self.stub.ForwardStream(messages(), metadata=self.metadata, timeout=timeout or FORWARD_TIMEOUT)
-
-    def trim(self, session_id, count, timeout=None):
-        return self._unary(self.stub.Trim, pb.TrimRequest(session_id=session_id, count=count), timeout)
-
-    def drop(self, session_id, timeout=None):
-        return self._unary(self.stub.DropSession, pb.DropSessionRequest(session_id=session_id), timeout)
-
-    def sessions(self, timeout=None):
-        return list(self._unary(self.stub.ListSessions, pb.ListSessionsRequest(), timeout).sessions)
-
-    def close(self):
-        self.channel.close()
-
-
-if __name__ == "__main__":
-    from .cli import node_main
-
-    sys.exit(node_main())

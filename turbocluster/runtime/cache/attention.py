@@ -17,7 +17,7 @@ cache=..., scale=..., mask=...)`` which they import by name from
 everything else to the original unchanged, and rebinds the name in every
 ``mlx_lm.models.*`` module that is already imported (modules imported later
 pick the patched one up from ``base``). It is idempotent and is called when
-``turbocluster.runtime.turbo_cache`` is imported.
+``turbocluster.runtime.cache.turbo_cache`` is imported.
 
 Why this hook rather than mlx-lm's own ``cache.bits`` route to
 ``quantized_scaled_dot_product_attention``: that route passes only
@@ -37,8 +37,8 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..kernels import native as native_cpu
-from ..kernels import turboquant as tq
+from ...kernels import native as native_cpu
+from ...kernels import turboquant as tq
 
 CHUNK_TOKENS = 4096  # most keys read per chunk
 CHUNK_SCORES = 1 << 22  # most float32 scores per chunk (queries x keys), bounds prefill memory

@@ -26,9 +26,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from ..proto import turbo_pb2 as pb
-from . import auth, discovery, failover, migration
-from .node import NodeClient
+from ...proto import turbo_pb2 as pb
+from ..transport import auth
+from ..transport import discovery
+from . import failover
+from ..sessions import transfer as migration
+from ..transport.client import NodeClient
 from .plan import NodeSpec, make_plan
 
 PREFILL_STEP = 2048  # mlx_lm.generate_step's prefill_step_size: same chunks, same numbers
@@ -69,7 +72,7 @@ def start_local_nodes(n, memory_budget=None, timeout=120.0, advertise=False, nam
     try:
         for i in range(n):
             log = tempfile.NamedTemporaryFile(prefix=f"turbo-node-{i}-", suffix=".log", delete=False)
-            cmd = [sys.executable, "-m", "turbocluster.runtime.node", "serve", "--host", "127.0.0.1", "--port", "0"]
+            cmd = [sys.executable, "-m", "turbocluster.runtime.cli.node", "serve", "--host", "127.0.0.1", "--port", "0"]
             cmd += ["--name", names[i]] + ([] if advertise else ["--no-advertise"])
             if memory_budget:
                 cmd += ["--memory-budget", str(memory_budget)]
@@ -135,7 +138,7 @@ class Stats:
 
 
 def _tokenizer(model):
-    from . import loader
+    from ..model import loader
 
     if hasattr(loader, "load_tokenizer"):
         return loader.load_tokenizer(model)
@@ -176,7 +179,7 @@ class Cluster:
         (auth.py); local nodes get a fresh random one unless it is given. ``tls``
         (``{"ca", "cert", "key"}`` PEM paths) dials the nodes with TLS.
         """
-        from . import loader
+        from ..model import loader
 
         log = log or (lambda *a: None)
         desc = loader.describe(model)

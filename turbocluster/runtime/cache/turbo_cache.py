@@ -34,7 +34,7 @@ import mlx.nn as nn
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
-from ..kernels import turboquant as tq
+from ...kernels import turboquant as tq
 from . import attention
 from .attention import PackedKV
 

@@ -66,7 +66,7 @@ def make_caches(model, cache=None, max_context=None):
     """Caches for the held layers: fp16 when ``cache`` is None or has zero bits, else TurboQuant."""
     if not cache or not (cache.get("k_bits") or cache.get("v_bits")):
         return make_fp16_caches(model, max_context)
-    from . import turbo_cache  # lands with issue 3; imported late so fp16 works without it
+    from ..cache import turbo_cache  # imported late so fp16 works without it
 
     return turbo_cache.make_turbo_cache(
         model,

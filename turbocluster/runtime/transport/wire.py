@@ -16,7 +16,7 @@ import zlib
 import mlx.core as mx
 import numpy as np
 
-from ..kernels.turboquant import FORMAT_VERSION
+from ...kernels.turboquant import FORMAT_VERSION
 
 PROTOCOL_VERSION = 1
 CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default message cap
@@ -135,7 +135,7 @@ def compat_hash(model_identity, protocol_version=PROTOCOL_VERSION, format_versio
 
 def to_proto(a, with_data=True):
     """A ``turbocluster.v1.Tensor`` for ``a``; ``with_data=False`` leaves the bytes out (stream header)."""
-    from ..proto import turbo_pb2
+    from ...proto import turbo_pb2
 
     code, shape, data = tensor_to_bytes(a)
     return turbo_pb2.Tensor(dtype=code, shape=shape, data=data if with_data else b""), data
@@ -148,7 +148,7 @@ def from_proto(t, data=None, max_bytes=MAX_TENSOR_BYTES):
 
 def proto_chunks(data, size=CHUNK_BYTES):
     """``turbocluster.v1.Chunk`` messages over ``data``."""
-    from ..proto import turbo_pb2
+    from ...proto import turbo_pb2
 
     for index, piece, crc in split_chunks(data, size):
         yield turbo_pb2.Chunk(index=index, data=piece, crc32=crc)

@@ -29,11 +29,13 @@ import grpc
 import mlx.core as mx
 import numpy as np
 
-from ..kernels.turboquant import FORMAT_VERSION
-from ..proto import turbo_pb2 as pb
-from . import session_io, stage, wire
-from .session_io import SessionFormatError
-from .sessions import Session, SessionError
+from ...kernels.turboquant import FORMAT_VERSION
+from ...proto import turbo_pb2 as pb
+from . import container as session_io
+from ..model import shard as stage
+from ..transport import wire
+from .container import SessionFormatError
+from .store import Session, SessionError
 
 TURBO_CLASS = session_io.TURBO_CLASS
 MAX_SESSION_ID = 256
@@ -784,7 +786,7 @@ def migrate(cluster, session_id, layers, to_node, relay=False):
 
 def decode_route(cluster, nodes):
     """Stages over ``nodes`` (host:port, in order): as they are loaded, or planned and loaded if all idle."""
-    from .plan import NodeSpec, make_plan
+    from ..cluster.plan import NodeSpec, make_plan
 
     clients = [connect(cluster, a) for a in nodes]
     infos = [c.info() for c in clients]

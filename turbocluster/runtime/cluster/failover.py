@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from ..proto import turbo_pb2 as pb
+from ...proto import turbo_pb2 as pb
 from .plan import PlanError
 
 # Statuses a lost node, a restarted node or a lossy link can explain; anything else is the caller's problem.
@@ -131,7 +131,7 @@ def configure(cluster, **policy):
 
 
 def _error(message, impossible=False):
-    from .coordinator import ClusterError
+    from .cluster import ClusterError
 
     e = ClusterError(message)
     e.impossible = impossible  # no plan over the nodes that answer: retrying cannot help
@@ -234,8 +234,8 @@ def _rebuilt(cluster, j, r):
 
 def _rebuild(cluster, j):
     """Put the session on the current plan: its checkpoint if it has one, else empty; the steps it holds."""
-    from . import migration
-    from .session_io import SessionFormatError
+    from ..sessions import transfer as migration
+    from ..sessions.container import SessionFormatError
 
     if j.checkpoint is not None:
         caches, meta = j.checkpoint
@@ -258,7 +258,7 @@ def _rebuild(cluster, j):
 
 def _checkpoint(cluster, j):
     """Keep the session's packed KV (all layers, sampler state) here, to rebuild from instead of replaying."""
-    from . import migration
+    from ..sessions import transfer as migration
 
     live = getattr(cluster, "live", {}).get(j.session_id)
     if live is None:
@@ -271,7 +271,7 @@ def _checkpoint(cluster, j):
 
 def _create(cluster, j):
     """(Re)create the session on every node of the current plan, last node first; nothing of it left over."""
-    from . import migration
+    from ..sessions import transfer as migration
 
     clients = list(cluster.clients)
     t = state(cluster).policy.probe_timeout_s
@@ -393,7 +393,7 @@ def recover(cluster, seen_epoch):
     the layers are re-planned and loaded over the nodes that answer; sessions
     rebuild themselves on their next step. Raises ClusterError when no plan is possible.
     """
-    from .coordinator import ClusterError
+    from .cluster import ClusterError
 
     s = state(cluster)
     with s.lock:
@@ -473,7 +473,7 @@ def watch(cluster, interval_s=2.0, misses=2):
     """
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from .coordinator import ClusterError
+    from .cluster import ClusterError
 
     stop, missed = threading.Event(), {}
     s = state(cluster)

@@ -28,8 +28,8 @@ import mlx.core as mx
 import msgpack
 from mlx_lm.models import cache as mlx_cache
 
-from ..kernels import turboquant as tq
-from . import wire
+from ...kernels import turboquant as tq
+from ..transport import wire
 
 CONTAINER_VERSION = 1
 MAGIC = b"TCSESS01"
@@ -38,7 +38,7 @@ MAX_SESSION_BYTES = 1 << 34  # 16 GiB: a long context over many layers, not more
 MAX_DEPTH = 3  # state -> (keys, scales, biases) -> array: no cache nests deeper
 MAX_TOKEN_ID = 1 << 32
 
-TURBO_MODULE = "turbocluster.runtime.turbo_cache"
+TURBO_MODULE = "turbocluster.runtime.cache.turbo_cache"
 TURBO_CLASS = "TurboQuantKVCache"
 MLX_CLASSES = ("KVCache", "RotatingKVCache", "QuantizedKVCache", "ChunkedKVCache")
 ALLOWED_CLASSES = MLX_CLASSES + (TURBO_CLASS,)

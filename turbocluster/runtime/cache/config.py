@@ -1,0 +1,124 @@
+"""The cache setting of a session: one typed value, converted to and from its proto message here only.
+
+Everything that says which cache a session's layers use (the CLI, the plan,
+CreateSession, the session container, failover's journal) passes a
+``CacheConfig``; ``k_bits == v_bits == 0`` is the plain fp16 mlx-lm cache.
+"""
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional
+
+from ...kernels import turboquant as tq
+
+
+class CacheConfigError(ValueError):
+    """A cache setting that cannot be built; the message names the field and the allowed values."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    k_bits: int = 0  # TurboQuant bits per key coordinate (2..8); 0 with v_bits 0 = fp16 cache
+    v_bits: int = 0  # TurboQuant bits per value coordinate (2..8)
+    fp16_layers: int = 0  # the first N layers of the *model* (global index) stay fp16
+    quantized_start: int = 0  # positions kept in fp16 before the cache compresses them all
+    key_mean: bool = False  # subtract a per-head, per-channel key mean before encoding keys
+
+    @property
+    def turbo(self) -> bool:
+        return bool(self.k_bits or self.v_bits)
+
+    def check(self) -> "CacheConfig":
+        """Self, or CacheConfigError saying which field is wrong and what would do."""
+        if self.turbo:
+            for name in ("k_bits", "v_bits"):
+                b = getattr(self, name)
+                if b not in tq.SUPPORTED_BITS:
+                    raise CacheConfigError(
+                        f"{name} {b} is not a TurboQuant width; expected one of {', '.join(map(str, tq.SUPPORTED_BITS))} "
+                        "(or 0 for both: an fp16 cache)"
+                    )
+        for name in ("fp16_layers", "quantized_start"):
+            v = getattr(self, name)
+            if type(v) is not int or v < 0:
+                raise CacheConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        return self
+
+    def describe(self) -> str:
+        if not self.turbo:
+            return "fp16"
+        text = f"turbo k{self.k_bits}/v{self.v_bits}"
+        if self.key_mean:
+            text += " key-mean"
+        if self.fp16_layers:
+            text += f" fp16-layers {self.fp16_layers}"
+        if self.quantized_start:
+            text += f" quantized-start {self.quantized_start}"
+        return text
+
+    def layer_is_turbo(self, global_layer: int) -> bool:
+        return self.turbo and global_layer >= self.fp16_layers
+
+    def kv_bytes(self, layers, num_kv_heads: int, head_dim: int, positions: int, itemsize: int = 2) -> int:
+        """Bytes the caches of ``layers`` (global indices) hold at ``positions``, as the cache stores them.
+
+        fp16 layers and the fp16 phase before ``quantized_start`` hold keys and
+        values at ``itemsize`` bytes each (4 on CPU nodes, which run float32);
+        packed layers hold ``turboquant.vector_nbytes`` per vector.
+        """
+        packed = tq.vector_nbytes(head_dim, self.k_bits) + tq.vector_nbytes(head_dim, self.v_bits) if self.turbo else 0
+        dense = 2 * head_dim * itemsize
+        total = 0
+        for g in layers:
+            if self.layer_is_turbo(g):
+                # up to quantized_start positions the cache is dense, past it all packed
+                per = dense if positions <= self.quantized_start else packed
+            else:
+                per = dense
+            total += per * num_kv_heads * positions
+        return total
+
+    # -- conversions: the only place the setting changes form -------------------
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v}
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "CacheConfig":
+        if d is None:
+            return cls()
+        if isinstance(d, CacheConfig):
+            return d
+        if not isinstance(d, dict):
+            raise CacheConfigError(f"a cache setting must be a map, got {type(d).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise CacheConfigError(f"unknown cache setting(s) {unknown}; known: {sorted(known)}")
+        out = {}
+        for k, v in d.items():
+            if v is None:
+                continue
+            if k == "key_mean":
+                if not isinstance(v, bool):
+                    raise CacheConfigError(f"key_mean must be true or false, got {v!r}")
+            elif type(v) is not int:
+                raise CacheConfigError(f"{k} must be an integer, got {v!r}")
+            out[k] = v
+        return cls(**out).check()
+
+    def to_proto(self, pb):
+        """The ``turbocluster.v1.CacheConfig`` message (``pb`` is the generated module)."""
+        return pb.CacheConfig(**self.to_dict())
+
+    @classmethod
+    def from_proto(cls, message) -> "CacheConfig":
+        return cls(
+            k_bits=message.k_bits, v_bits=message.v_bits, fp16_layers=message.fp16_layers,
+            quantized_start=message.quantized_start, key_mean=message.key_mean,
+        ).check()
+
+    def with_(self, **changes) -> "CacheConfig":
+        return replace(self, **changes).check()
+
+
+FP16 = CacheConfig()
