@@ -41,7 +41,7 @@ def run(vectors, repeats, dims=(64, 128), bits_list=(2, 3, 4)):
             enc = _time(lambda: kernels.encode(x, bits), repeats)
             dec = _time(lambda: kernels.decode(packed, scales, bits), repeats)
             dec_rot = _time(lambda: kernels.dequantize_rotated(packed, scales, bits), repeats)
-            if fast.kernels_for_device() is not None:  # the plain-mx reference beside the GPU kernels
+            if kernels.turboquant.fast_kernels() is not None:  # the plain-mx reference beside the GPU kernels
                 kind = fast.backend()
                 saved = fast._state[kind]
                 fast._state[kind] = None
@@ -73,7 +73,7 @@ def main():
     if args.json:
         print(json.dumps({"device": str(mx.default_device()), "rows": rows}))
         return
-    print(f"device {mx.default_device()}, fast path {fast.backend() if fast.kernels_for_device() else 'none'}, "
+    print(f"device {mx.default_device()}, fast path {fast.backend() if kernels.turboquant.fast_kernels() else 'none'}, "
           f"{args.vectors} vectors, best of {args.repeats}")
     print(f"{'dim':>4} {'codec':>10} {'encode vec/s':>14} {'decode vec/s':>14} {'rotated vec/s':>14} {'bytes/vec':>10}")
     for r in rows:

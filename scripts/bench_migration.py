@@ -28,7 +28,11 @@ import mlx.core as mx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from turbocluster.runtime import loader, migration, session_io  # noqa: E402
+from turbocluster.runtime.cluster import migration  # noqa: E402
+from turbocluster.runtime.model import loader  # noqa: E402
+from turbocluster.runtime.sessions import calls  # noqa: E402
+from turbocluster.runtime.sessions import transfer as kv  # noqa: E402
+from turbocluster.runtime.sessions import container as session_io  # noqa: E402
 
 CACHES = {"turbo3": {"k_bits": 3, "v_bits": 3}, "turbo4": {"k_bits": 4, "v_bits": 4}, "fp16": {}}
 
@@ -70,9 +74,9 @@ def bench_inproc(desc, contexts):
             meta = meta_for(desc, context, cache, "bench")
             t0 = time.perf_counter()
             data = session_io.pack_session(caches, meta)
-            pieces = list(migration.chunks(data))
-            got = migration.receive(iter(pieces), len(data))
-            session = migration.import_session(got, {"model": desc["identity"]}, lambda n, c: 0)
+            pieces = list(kv.chunks(data))
+            got = kv.receive(iter(pieces), len(data))
+            session = kv.import_session(got, {"model": desc["identity"]}, lambda n, c: 0)
             mx.eval([c.state for c in session.caches])
             dt = time.perf_counter() - t0
             rows.append(dict(cache=name, context=context, wire_bytes=len(data), fp16_bytes=fp16_bytes(desc, context),
@@ -96,7 +100,7 @@ def bench_nodes(desc, contexts):
                     sid = f"bench-{name}-{context}"
                     meta = meta_for(desc, context, cache, sid)
                     data = session_io.pack_session(synthetic_caches(desc, context, cache), meta)
-                    migration.send(here, migration.header_for(meta, len(data), sid), data)
+                    calls.send(here, calls.header_for(meta, len(data), sid), data)
                     cluster.live[sid] = migration.Live(sid, [migration.Stage(here, 0, n)])
                     report = cluster.migrate(sid, (0, n), there.address)
                     there.forward(sid, tokens=[1], want=1)  # pb.NONE: the session runs on its new node

@@ -4,7 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-turbocluster/proto}
-PY=${PYTHON:-python3}
+# The project's own venv has grpcio-tools (the test extra); a bare python3 usually does not.
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3
+fi
 mkdir -p "$OUT"
 "$PY" -m grpc_tools.protoc -I turbocluster/proto \
   --python_out="$OUT" --pyi_out="$OUT" --grpc_python_out="$OUT" \

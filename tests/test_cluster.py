@@ -18,10 +18,12 @@ from turbocluster.proto import turbo_pb2 as pb
 from turbocluster.proto import turbo_pb2_grpc as pb_grpc
 from turbocluster.runtime.transport import discovery
 from turbocluster.runtime.model import loader
+from turbocluster.runtime.cache.factory import make_caches
 from turbocluster.runtime.model import shard as stage
 from turbocluster.runtime.transport import wire
 from turbocluster.runtime.cluster.cluster import Cluster, start_local_nodes, stop_local_nodes
-from turbocluster.runtime.node.servicer import NodeServicer, make_server
+from turbocluster.runtime.node.server import make_server
+from turbocluster.runtime.node.servicer import NodeServicer
 from turbocluster.runtime.transport.client import MD_PROTOCOL, NodeClient
 from turbocluster.runtime.cluster.plan import NodeSpec, make_plan
 
@@ -33,7 +35,7 @@ SPLITS = {
 
 def pipeline_logits(parts, prompt, steps):
     """Logits of each generated position, running shards in turn as the nodes do (greedy)."""
-    caches = [stage.make_caches(p) for p in parts]
+    caches = [make_caches(p) for p in parts]
 
     def run(x):
         for p, c in zip(parts, caches):
@@ -72,7 +74,7 @@ def test_gemma_shard_picks_sliding_layers_by_global_index():
     model = build_tiny("gemma3_text")
     part = stage.shard(model, 3, 7)  # global layers 3..6: 5 is global, the rest slide
     assert stage.sliding_windows(part) == [8, 8, None, 8]
-    kinds = [type(c).__name__ for c in stage.make_caches(part)]
+    kinds = [type(c).__name__ for c in make_caches(part)]
     assert kinds == ["RotatingKVCache", "RotatingKVCache", "KVCache", "RotatingKVCache"]
 
 

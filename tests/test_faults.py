@@ -23,7 +23,8 @@ from turbocluster.runtime.cluster import failover
 from turbocluster.runtime.transport import faults
 from turbocluster.runtime.model import loader
 from turbocluster.runtime.cluster.cluster import Cluster, start_local_nodes, stop_local_nodes
-from turbocluster.runtime.node.servicer import NodeServicer, make_server
+from turbocluster.runtime.node.server import make_server
+from turbocluster.runtime.node.servicer import NodeServicer
 from turbocluster.runtime.transport.client import MD_CRC, NodeClient
 
 PROMPT = "Name three colours."

@@ -1,6 +1,6 @@
 """Session migration: packed KV leaves one node and arrives whole on another, or not at all.
 
-The first part runs the node-side steps (``migration.export_session`` ->
+The first part runs the node-side steps (``kv.export_session`` ->
 chunks -> ``receive`` -> ``import_session`` -> ``SessionStore.add``) in one
 process over shards of a tiny model, so every outcome is compared with an
 unmigrated run token for token. The real-node tests below start node
@@ -14,8 +14,11 @@ import msgpack
 import pytest
 
 from conftest import build_tiny
-from turbocluster.runtime.sessions import transfer as migration
+from turbocluster.runtime.cluster import migration
+from turbocluster.runtime.sessions import calls
+from turbocluster.runtime.sessions import transfer as kv
 from turbocluster.runtime.sessions import container as session_io
+from turbocluster.runtime.cache.factory import make_caches
 from turbocluster.runtime.model import shard as stage
 from turbocluster.runtime.transport import wire
 from turbocluster.runtime.sessions.container import SessionFormatError
@@ -34,7 +37,7 @@ def model():
 
 def open_session(part, sid="s", cache=None):
     return Session(
-        session_id=sid, max_context=256, caches=stage.make_caches(part, cache), cache_config=dict(cache or {}),
+        session_id=sid, max_context=256, caches=make_caches(part, cache), cache_config=dict(cache or {}),
         sampling={"temperature": 0.0, "top_p": 0.0}, rng_state=mx.random.key(0),
     )
 
@@ -65,14 +68,14 @@ class Pipeline:
 
 def transfer(session, held, layers=None, expect=None, compress=True, mangle=None):
     """Export -> chunks -> receive -> import, as the two nodes do; returns the new Session."""
-    data = migration.export_session(session, MODEL_ID, held, layers, compress_prefill=compress)
-    pieces = list(migration.chunks(data, size=4096))
+    data = kv.export_session(session, MODEL_ID, held, layers, compress_prefill=compress)
+    pieces = list(kv.chunks(data, size=4096))
     if mangle:
         pieces = mangle(pieces)
     total = len(data)
-    got = migration.receive(iter(pieces), total)
+    got = kv.receive(iter(pieces), total)
     layers = tuple(layers or held)
-    return migration.import_session(got, expect or {"model": MODEL_ID, "layers": layers}, lambda n, c: 1000)
+    return kv.import_session(got, expect or {"model": MODEL_ID, "layers": layers}, lambda n, c: 1000)
 
 
 @pytest.mark.parametrize("cache", sorted(CACHES))
@@ -96,10 +99,10 @@ def test_pre_copied_stage_plus_its_tail_equals_the_session(model, cache):
     staged = transfer(run.sessions[1], SPLIT[1])  # positions 0..T0, sent while the session goes on
     t0 = staged.offset
     first += run.generate(4)
-    tail = migration.export_session(run.sessions[1], MODEL_ID, SPLIT[1], from_token=t0)
+    tail = kv.export_session(run.sessions[1], MODEL_ID, SPLIT[1], from_token=t0)
     caches, meta = session_io.unpack_session(tail, {"layers": SPLIT[1], "delta_from": t0})
     assert meta["num_tokens"] == 4 and all(c.offset == 4 for c in caches)
-    migration.append(staged.caches, caches)
+    kv.append(staged.caches, caches)
     assert staged.offset == run.sessions[1].offset
     run.sessions[1] = staged
     assert first + run.generate(4) == ref
@@ -109,7 +112,7 @@ def test_sliding_window_caches_refuse_a_tail_and_move_whole():
     gemma = build_tiny("gemma3_text")
     session = open_session(stage.shard(gemma, 0, 3))
     with pytest.raises(SessionError) as e:
-        migration.delta(session.caches, 0)
+        kv.delta(session.caches, 0)
     assert e.value.code == "FAILED_PRECONDITION" and "RotatingKVCache" in str(e.value)
 
 
@@ -118,8 +121,8 @@ def test_turbo_kv_travels_packed_and_five_times_smaller_than_fp16(model):
     for name in ("fp16", "turbo3"):
         run = Pipeline(model, [(0, 5)], CACHES[name])
         run.generate(1, prompt=list(range(10, 266)))  # 256 positions
-        sizes[name] = len(migration.export_session(run.sessions[0], MODEL_ID, (0, 5)))
-        body = msgpack.unpackb(migration.export_session(run.sessions[0], MODEL_ID, (0, 5))[session_io.HEADER_BYTES:])
+        sizes[name] = len(kv.export_session(run.sessions[0], MODEL_ID, (0, 5)))
+        body = msgpack.unpackb(kv.export_session(run.sessions[0], MODEL_ID, (0, 5))[session_io.HEADER_BYTES:])
         if name == "turbo3":
             assert body["caches"][0]["state"][0]["dtype"] == 4  # uint32 words, not re-expanded
     heads, dim, n = 4, 64, 257
@@ -179,7 +182,7 @@ def test_bad_transfers_are_refused_and_the_source_keeps_generating(model, case):
     target = SessionStore(1 << 30)
     with pytest.raises(SessionFormatError) as e:
         target.add(transfer(run.sessions[1], SPLIT[1], **kwargs))
-    assert migration.status_of(e.value) == status and e.value.field == field, str(e.value)
+    assert kv.status_of(e.value) == status and e.value.field == field, str(e.value)
     assert len(target) == 0
     assert first + run.generate(4) == ref  # the source session is intact
 
@@ -187,12 +190,12 @@ def test_bad_transfers_are_refused_and_the_source_keeps_generating(model, case):
 def test_wrong_codec_version_is_refused_naming_the_field(model):
     run = Pipeline(model, SPLIT, CACHES["turbo3"])
     run.generate(2)
-    data = migration.export_session(run.sessions[1], MODEL_ID, SPLIT[1])
+    data = kv.export_session(run.sessions[1], MODEL_ID, SPLIT[1])
     for key in ("format_version", "container_version"):
         bad = _reseal(data, lambda m: m.update({key: m[key] + 1}))
         with pytest.raises(SessionFormatError) as e:
-            migration.import_session(bad, {"model": MODEL_ID}, lambda n, c: 0)
-        assert e.value.field == f"meta.{key}" and migration.status_of(e.value) == "FAILED_PRECONDITION"
+            kv.import_session(bad, {"model": MODEL_ID}, lambda n, c: 0)
+        assert e.value.field == f"meta.{key}" and kv.status_of(e.value) == "FAILED_PRECONDITION"
         assert "expected" in str(e.value) and "found" in str(e.value)
 
 
@@ -226,16 +229,16 @@ def test_merged_snapshot_restores_onto_another_split(model, tmp_path):
     ref = Pipeline(model, SPLIT, CACHES["turbo4"]).generate(10)
     run = Pipeline(model, SPLIT, CACHES["turbo4"])
     first = run.generate(5)
-    parts = [session_io.unpack_session(migration.export_session(s, MODEL_ID, held)) for s, held in zip(run.sessions, SPLIT)]
-    caches, meta = migration.merge(parts)
+    parts = [session_io.unpack_session(kv.export_session(s, MODEL_ID, held)) for s, held in zip(run.sessions, SPLIT)]
+    caches, meta = kv.merge(parts)
     assert meta["layers"] == (0, 5)
     path = tmp_path / "s.tcs"
     session_io.save_snapshot(path, caches, {k: v for k, v in meta.items() if not k.endswith("_version")})
     caches, meta = session_io.load_snapshot(path, expect={"model": MODEL_ID})
     other = Pipeline(model, [(0, 3), (3, 5)], CACHES["turbo4"])
     for i, layers in enumerate([(0, 3), (3, 5)]):
-        piece = session_io.pack_session(*migration.split(caches, meta, layers))
-        other.sessions[i] = migration.import_session(piece, {"model": MODEL_ID, "layers": layers}, lambda n, c: 0)
+        piece = session_io.pack_session(*kv.split(caches, meta, layers))
+        other.sessions[i] = kv.import_session(piece, {"model": MODEL_ID, "layers": layers}, lambda n, c: 0)
     other.pending = run.pending
     assert first + other.generate(5) == ref
 
@@ -360,10 +363,10 @@ def test_snapshot_restores_onto_another_split_and_continues_identically(nodes, b
 
 
 def _chunks_then(action, after=2, size=4096):
-    """A stand-in for migration.chunks: small chunks, then ``action()`` mid-stream."""
+    """A stand-in for kv.chunks: small chunks, then ``action()`` mid-stream."""
 
     def chunks(data, _size=None):
-        for i, piece, crc in migration.wire.split_chunks(data, size):
+        for i, piece, crc in wire.split_chunks(data, size):
             if i == after:
                 action()
             yield i, piece, crc
@@ -385,14 +388,14 @@ def test_migration_killed_mid_stream_leaves_the_session_generating_on_the_source
             gen = generation(cluster, bundled, "kill")
             first = take(gen, 4)
             # the coordinator's side of a relayed stream drops
-            monkeypatch.setattr(migration, "chunks", _chunks_then(_drop))
+            monkeypatch.setattr(calls, "chunks", _chunks_then(_drop))
             with pytest.raises((migration.MigrationError, ConnectionResetError)):
                 cluster.migrate("kill", layers, nodes[3].address, relay=True)
             # the importing node dies mid-stream
             target = spare[0]
             cluster.peers[target.address] = migration.connect(cluster, target.address)
             migration.prepare(cluster, cluster.peers[target.address], layers)
-            monkeypatch.setattr(migration, "chunks", _chunks_then(target.proc.kill))
+            monkeypatch.setattr(calls, "chunks", _chunks_then(target.proc.kill))
             with pytest.raises(migration.MigrationError) as e:
                 cluster.migrate("kill", layers, target.address, relay=True)
             assert e.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), str(e.value)
@@ -409,12 +412,12 @@ def test_bad_session_streams_get_clear_statuses(nodes, bundled):
         gen = generation(cluster, bundled, "bad")
         take(gen, 2)
         first, last = cluster.clients
-        header, data = migration.fetch(last, "bad")
+        header, data = calls.fetch(last, "bad")
         assert header.layer_start == cluster.plan_.assignments[1].start and header.num_tokens == len(bundled[1]) + 1
 
         def status(header, pieces=None, data=data):
             with pytest.raises(grpc.RpcError) as e:
-                migration.send(last, header, data, pieces=pieces)
+                calls.send(last, header, data, pieces=pieces)
             return e.value.code(), e.value.details()
 
         def fresh(**changes):
@@ -425,7 +428,7 @@ def test_bad_session_streams_get_clear_statuses(nodes, bundled):
                 setattr(h, k, v)
             return h
 
-        pieces = list(migration.wire.split_chunks(data, 4096))
+        pieces = list(wire.split_chunks(data, 4096))
         flipped = [pieces[0], (1, bytes([pieces[1][1][0] ^ 1]) + pieces[1][1][1:], pieces[1][2])] + pieces[2:]
         code, msg = status(fresh(), flipped)
         assert code == grpc.StatusCode.DATA_LOSS and "checksum" in msg
@@ -442,7 +445,7 @@ def test_bad_session_streams_get_clear_statuses(nodes, bundled):
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "meta.model" in msg
         assert status(header)[0] == grpc.StatusCode.ALREADY_EXISTS
         with pytest.raises(grpc.RpcError) as e:
-            migration.fetch(last, "no-such-session")
+            calls.fetch(last, "no-such-session")
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert [r["session_id"] for r in cluster.sessions()] == ["bad"]  # nothing half-built anywhere
         gen.close()

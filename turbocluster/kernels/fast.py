@@ -18,6 +18,8 @@ import warnings
 
 import mlx.core as mx
 
+from . import format as fmt
+
 _PACK_BODY = """
     unsigned int elem = {thread_id};
     if (elem >= count[0]) return;
@@ -117,31 +119,36 @@ def _dequantize(kernels, packed, scales, bits, dim, codebook):
     )
 
 
-def kernels_for_device():
-    """The verified kernels for the default device, or None to use the reference."""
+def kernels_for_device(reference=None):
+    """The verified kernels for the default device, or None to use the reference.
+
+    ``reference(u, bits, dim, scales) -> (packed, values)`` is the plain-``mx``
+    codec the kernels are checked against on first use (``turboquant`` passes
+    its own; the fast path never imports the reference). Without one, only an
+    earlier check's verdict is returned.
+    """
     kind = backend()
     if kind is None:
         return None
     if kind not in _state:
-        _state[kind] = _self_check(kind)
+        if reference is None:
+            return None
+        _state[kind] = _self_check(kind, reference)
     return _state[kind]
 
 
-def _self_check(kind):
-    from . import turboquant as tq
-
+def _self_check(kind, reference):
     try:
         kernels = _build(kind)
         mx.random.seed(1234)
-        for bits in tq.SUPPORTED_BITS:
+        for bits in fmt.SUPPORTED_BITS:
             for dim in (48, 64, 80):
                 u = mx.random.normal((37, dim)) * 1.3
-                bounds = mx.array(tq.boundaries(bits), dtype=mx.float32)
-                codebook = mx.array(tq.centroids(bits), dtype=mx.float32)
-                ref_packed = tq.pack(tq.quantize(u, bits), bits)
-                fast_packed = _quantize_pack(kernels, u, bits, tq.packed_words(dim, bits), bounds)
+                bounds = mx.array(fmt.boundaries(bits), dtype=mx.float32)
+                codebook = mx.array(fmt.centroids(bits), dtype=mx.float32)
+                fast_packed = _quantize_pack(kernels, u, bits, fmt.packed_words(dim, bits), bounds)
                 scales = mx.random.uniform(0.1, 2.0, (37, 1)).astype(mx.float16)
-                ref = tq.lookup(tq.unpack(ref_packed, bits, dim), bits) * scales.astype(mx.float32)
+                ref_packed, ref = reference(u, bits, dim, scales)
                 fast = _dequantize(kernels, ref_packed, scales, bits, dim, codebook)
                 if not (mx.array_equal(ref_packed, fast_packed).item() and mx.array_equal(ref, fast).item()):
                     raise AssertionError(f"{kind} kernels differ from the reference at {bits} bits, dim {dim}")
@@ -153,13 +160,9 @@ def _self_check(kind):
 
 def quantize_pack(coords, bits, words):
     """Packed words for [N, D] normalised rotated coordinates, on the fast path."""
-    from . import turboquant as tq
-
-    return _quantize_pack(kernels_for_device(), coords, bits, words, mx.array(tq.boundaries(bits), dtype=mx.float32))
+    return _quantize_pack(kernels_for_device(), coords, bits, words, mx.array(fmt.boundaries(bits), dtype=mx.float32))
 
 
 def dequantize(packed, scales, bits, dim):
     """``scale * centroid[idx]`` (float32 [N, D]) from [N, W] words, on the fast path."""
-    from . import turboquant as tq
-
-    return _dequantize(kernels_for_device(), packed, scales, bits, dim, mx.array(tq.centroids(bits), dtype=mx.float32))
+    return _dequantize(kernels_for_device(), packed, scales, bits, dim, mx.array(fmt.centroids(bits), dtype=mx.float32))

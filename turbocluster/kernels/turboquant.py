@@ -223,12 +223,23 @@ def quantize(u, bits):
     return idx
 
 
+def _reference_codes(u, bits, dim, scales):
+    """What the fast kernels must reproduce bit for bit: packed words and ``scale * centroid``."""
+    packed = pack(quantize(u, bits), bits)
+    return packed, lookup(unpack(packed, bits, dim), bits) * scales.astype(mx.float32)
+
+
+def fast_kernels():
+    """The GPU fast path checked against this reference on first use, or None (use the reference)."""
+    return fast.kernels_for_device(_reference_codes)
+
+
 def _encode_rows(x, bits, scale_mode):
     dim = x.shape[-1]
     y = _hadamard(x.astype(mx.float32), dim, inverse=False)
     norm = mx.sqrt((y * y).sum(axis=-1, keepdims=True))
     u = y * (math.sqrt(dim) / mx.maximum(norm, 1e-30))
-    if fast.kernels_for_device() is not None:
+    if fast_kernels() is not None:
         packed = fast.quantize_pack(u, bits, packed_words(dim, bits))
         c = fast.dequantize(packed, mx.ones(norm.shape, dtype=mx.float16), bits, dim)
     else:
@@ -245,7 +256,7 @@ def _encode_rows(x, bits, scale_mode):
 
 
 def _dequantize_rows(packed, scales, bits, dim):
-    if fast.kernels_for_device() is not None:
+    if fast_kernels() is not None:
         return fast.dequantize(packed, scales, bits, dim)
     return codebook_values(packed, bits, dim) * scales.astype(mx.float32)
 

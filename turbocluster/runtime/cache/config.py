@@ -30,6 +30,8 @@ class CacheConfig:
     def check(self) -> "CacheConfig":
         """Self, or CacheConfigError saying which field is wrong and what would do."""
         if self.turbo:
+            if not (self.k_bits and self.v_bits):
+                raise CacheConfigError(f"give both k_bits and v_bits (or neither, for fp16), got {self.k_bits}/{self.v_bits}")
             for name in ("k_bits", "v_bits"):
                 b = getattr(self, name)
                 if b not in tq.SUPPORTED_BITS:
@@ -83,7 +85,7 @@ class CacheConfig:
         return {k: v for k, v in asdict(self).items() if v}
 
     @classmethod
-    def from_dict(cls, d: Optional[dict]) -> "CacheConfig":
+    def from_dict(cls, d: Optional[dict], check: bool = True) -> "CacheConfig":
         if d is None:
             return cls()
         if isinstance(d, CacheConfig):
@@ -104,7 +106,8 @@ class CacheConfig:
             elif type(v) is not int:
                 raise CacheConfigError(f"{k} must be an integer, got {v!r}")
             out[k] = v
-        return cls(**out).check()
+        config = cls(**out)
+        return config.check() if check else config
 
     def to_proto(self, pb):
         """The ``turbocluster.v1.CacheConfig`` message (``pb`` is the generated module)."""
@@ -122,3 +125,20 @@ class CacheConfig:
 
 
 FP16 = CacheConfig()
+
+
+def kv_bytes(num_layers, num_kv_heads, head_dim, positions, cache=None, itemsize=2):
+    """Bytes of K and V for ``positions`` tokens over ``num_layers`` layers.
+
+    fp16: 2 * heads * head_dim * itemsize per position and layer, rounded up to
+    mlx-lm's 256-position allocation step. TurboQuant: bits/8 per coordinate
+    plus a float32 norm per vector (an estimate; the codec module is exact).
+    """
+    positions = -(-positions // 256) * 256
+    cache = CacheConfig.from_dict(cache) if not isinstance(cache, CacheConfig) else cache
+    k_bits, v_bits = cache.k_bits, cache.v_bits
+    if not (k_bits or v_bits):
+        per = 2 * head_dim * itemsize
+    else:
+        per = (k_bits + v_bits) * head_dim // 8 + 8
+    return num_layers * num_kv_heads * positions * per

@@ -55,7 +55,7 @@ def node_main(argv=None):
                        "(also $TURBO_FAULTS; see turbocluster/runtime/faults.py)")
     args = parser.parse_args(argv)
     from ..transport import faults
-    from ..node.servicer import serve as run
+    from ..node.server import serve as run
 
     secret = _secret(args)
     if args.session_ttl < 0:
@@ -205,9 +205,9 @@ def cluster_main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "nodes":
         return _nodes(args)
-    from ..cluster.cluster import ClusterError
+    from ..transport.errors import ClusterError
     from ..transport.discovery import DiscoveryError
-    from ..sessions.transfer import MigrationError
+    from ..transport.errors import MigrationError
     from ..cluster.plan import PlanError
     from ..sessions.container import SessionFormatError
 

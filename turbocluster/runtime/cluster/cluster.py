@@ -30,7 +30,8 @@ from ...proto import turbo_pb2 as pb
 from ..transport import auth
 from ..transport import discovery
 from . import failover
-from ..sessions import transfer as migration
+from ..transport.errors import ClusterError
+from . import migration
 from ..transport.client import NodeClient
 from .plan import NodeSpec, make_plan
 
@@ -38,12 +39,8 @@ PREFILL_STEP = 2048  # mlx_lm.generate_step's prefill_step_size: same chunks, sa
 _SERVING = re.compile(r"serving on (\S+:\d+)")
 
 
-class ClusterError(RuntimeError):
-    """A node refused or failed a step; the message names the node and its status."""
-
-
 def _node_error(client, e):
-    return ClusterError(f"node {client.address}: {e.code().name}: {e.details()}")
+    return ClusterError(f"node {client.address}: {e.code().name}: {e.details()}", e.code())
 
 
 # --------------------------------------------------------------------------- local nodes

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from ...proto import turbo_pb2 as pb
+from ..transport.errors import ClusterError
 from .plan import PlanError
 
 # Statuses a lost node, a restarted node or a lossy link can explain; anything else is the caller's problem.
@@ -131,11 +132,7 @@ def configure(cluster, **policy):
 
 
 def _error(message, impossible=False):
-    from .cluster import ClusterError
-
-    e = ClusterError(message)
-    e.impossible = impossible  # no plan over the nodes that answer: retrying cannot help
-    return e
+    return ClusterError(message, impossible=impossible)  # impossible: no plan over the nodes that answer
 
 
 def _warn(cluster, message):
@@ -234,7 +231,7 @@ def _rebuilt(cluster, j, r):
 
 def _rebuild(cluster, j):
     """Put the session on the current plan: its checkpoint if it has one, else empty; the steps it holds."""
-    from ..sessions import transfer as migration
+    from . import migration
     from ..sessions.container import SessionFormatError
 
     if j.checkpoint is not None:
@@ -258,7 +255,7 @@ def _rebuild(cluster, j):
 
 def _checkpoint(cluster, j):
     """Keep the session's packed KV (all layers, sampler state) here, to rebuild from instead of replaying."""
-    from ..sessions import transfer as migration
+    from . import migration
 
     live = getattr(cluster, "live", {}).get(j.session_id)
     if live is None:
@@ -271,7 +268,7 @@ def _checkpoint(cluster, j):
 
 def _create(cluster, j):
     """(Re)create the session on every node of the current plan, last node first; nothing of it left over."""
-    from ..sessions import transfer as migration
+    from . import migration
 
     clients = list(cluster.clients)
     t = state(cluster).policy.probe_timeout_s
@@ -393,8 +390,6 @@ def recover(cluster, seen_epoch):
     the layers are re-planned and loaded over the nodes that answer; sessions
     rebuild themselves on their next step. Raises ClusterError when no plan is possible.
     """
-    from .cluster import ClusterError
-
     s = state(cluster)
     with s.lock:
         if s.epoch != seen_epoch:
@@ -410,7 +405,7 @@ def recover(cluster, seen_epoch):
             except grpc.RpcError as e:  # a node went away during the re-plan: probe again
                 why = f"{e.code().name}: {e.details()}"
             except ClusterError as e:
-                if getattr(e, "impossible", False):
+                if e.impossible:
                     raise
                 why = str(e)  # a LoadLayers failed: probe again
             _warn(cluster, f"re-plan attempt {attempt + 1} failed ({why}); probing again")
@@ -472,8 +467,6 @@ def watch(cluster, interval_s=2.0, misses=2):
     Returns a ``threading.Event``: set it to stop watching.
     """
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from .cluster import ClusterError
 
     stop, missed = threading.Event(), {}
     s = state(cluster)

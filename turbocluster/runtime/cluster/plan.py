@@ -9,6 +9,9 @@ contiguous and in node order, so activations walk node 0 -> node 1 -> ...
 import json
 from dataclasses import asdict, dataclass, field
 
+from ..cache.config import kv_bytes  # noqa: F401  (re-exported: the plan's size arithmetic)
+from ..model.loader import weights_bytes  # noqa: F401
+
 
 class PlanError(ValueError):
     """The model (with its KV for the requested context) does not fit the nodes."""
@@ -93,34 +96,6 @@ class Plan:
 
 def _mib(n):
     return f"{n / (1 << 20):.1f} MiB"
-
-
-def kv_bytes(num_layers, num_kv_heads, head_dim, positions, cache=None, itemsize=2):
-    """Bytes of K and V for ``positions`` tokens over ``num_layers`` layers.
-
-    fp16: 2 * heads * head_dim * itemsize per position and layer, rounded up to
-    mlx-lm's 256-position allocation step. TurboQuant: bits/8 per coordinate
-    plus a float32 norm per vector (an estimate; the codec module is exact).
-    """
-    positions = -(-positions // 256) * 256
-    cache = cache or {}
-    k_bits, v_bits = cache.get("k_bits") or 0, cache.get("v_bits") or 0
-    if not (k_bits or v_bits):
-        per = 2 * head_dim * itemsize
-    else:
-        per = (k_bits + v_bits) * head_dim // 8 + 8
-    return num_layers * num_kv_heads * positions * per
-
-
-def weights_bytes(desc, start, end):
-    """Weights a node holding ``[start, end)`` loads: its layers, plus embedding / head at the ends."""
-    n = desc["num_layers"]
-    total = sum(desc["layer_bytes"][start:end])
-    if start == 0:
-        total += desc["embed_bytes"]
-    if end == n:
-        total += desc["head_bytes"]
-    return total
 
 
 def split_counts(n, weights):

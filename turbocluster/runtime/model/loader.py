@@ -260,3 +260,14 @@ def identity(path):
 def parameter_bytes(model):
     """Bytes of all parameters a loaded model holds."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def weights_bytes(desc, start, end):
+    """Weights a node holding ``[start, end)`` loads: its layers, plus embedding / head at the ends."""
+    n = desc["num_layers"]
+    total = sum(desc["layer_bytes"][start:end])
+    if start == 0:
+        total += desc["embed_bytes"]
+    if end == n:
+        total += desc["head_bytes"]
+    return total

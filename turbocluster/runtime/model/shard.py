@@ -14,7 +14,6 @@ import copy
 
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 SUPPORTED = ("llama", "qwen3", "qwen2", "mistral", "gemma3_text")
 
@@ -55,27 +54,6 @@ def sliding_windows(model):
     if kind in SUPPORTED:
         return [None] * (end - start)
     raise ValueError(f"model type {kind!r} is not supported by stage.py; supported: {', '.join(SUPPORTED)}")
-
-
-def make_fp16_caches(model, max_context=None):
-    """Plain mlx-lm caches for the held layers, as ``model.make_cache()`` makes them for the whole model."""
-    return [KVCache() if w is None else RotatingKVCache(max_size=w) for w in sliding_windows(model)]
-
-
-def make_caches(model, cache=None, max_context=None):
-    """Caches for the held layers: fp16 when ``cache`` is None or has zero bits, else TurboQuant."""
-    if not cache or not (cache.get("k_bits") or cache.get("v_bits")):
-        return make_fp16_caches(model, max_context)
-    from ..cache import turbo_cache  # imported late so fp16 works without it
-
-    return turbo_cache.make_turbo_cache(
-        model,
-        k_bits=cache.get("k_bits") or 4,
-        v_bits=cache.get("v_bits") or 4,
-        fp16_layers=cache.get("fp16_layers", 0),
-        quantized_start=cache.get("quantized_start", 0),
-        key_mean=cache.get("key_mean", False),
-    )
 
 
 def embed(model, tokens):

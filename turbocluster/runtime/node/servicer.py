@@ -1,4 +1,4 @@
-"""A node: serves a contiguous range of a model's layers over gRPC, and the client to call one.
+"""A node's RPC surface: its shard, its sessions, the steps it runs and forwards down the pipeline.
 
 The servicer validates every request before it touches the model, runs all
 MLX work on one model thread (MLX is not run concurrently from gRPC threads),
@@ -14,35 +14,30 @@ import math
 import os
 import re
 import secrets
-import signal
 import socket
 import sys
 import threading
 import time
 import uuid
-import zlib
 from concurrent import futures
 
 import grpc
 import mlx.core as mx
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import apply_top_p
 
 from ...kernels.turboquant import FORMAT_VERSION
 from ...proto import turbo_pb2 as pb
 from ...proto import turbo_pb2_grpc as pb_grpc
-from ..transport import auth
-from ..transport import discovery
-from ..transport import handlers
-from ..sessions import transfer as migration
-from ..cluster import plan
+from . import migration_rpc
+from ..cache.factory import make_caches
+from ..cache.config import CacheConfig, CacheConfigError, kv_bytes
+from ..model.loader import weights_bytes
 from ..model import shard as stage
-from ..transport import wire
-from ..transport.client import CHANNEL_OPTIONS, MD_COMPAT, MD_CRC, MD_PROTOCOL, MD_TOKEN, NodeClient
-from ..sessions.store import Session, SessionError, SessionStore
+from ..transport import errors, wire
+from ..transport.client import MD_COMPAT, MD_PROTOCOL, MD_TOKEN, NodeClient
+from ..sessions.store import Session, SessionStore
+from .gate import Refused, rpc as _rpc, rpc_stream as _rpc_stream
 
 SERVICE = "turbocluster.v1.Node"
 MAX_STEP_TOKENS = 8192  # positions in one Forward
@@ -50,17 +45,7 @@ MAX_CONTEXT = 1 << 20
 MAX_TOKENS = 1024  # live handshake tokens; the oldest is forgotten first
 MAX_SESSION_ID = 256  # characters of a session id
 DEFAULT_SESSION_TTL = 1800.0  # seconds a session may sit idle before the node frees it
-_CRC = re.compile(r"[0-9]{1,10}")
 _OUTPUTS = (pb.OUTPUT_UNSPECIFIED, pb.NONE, pb.HIDDEN, pb.LOGITS, pb.TOKEN)
-_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # no handshake needed
-
-
-class Refused(Exception):
-    """A request the node will not serve; ``code`` is the grpc.StatusCode to answer with."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
 
 
 def backend():
@@ -77,131 +62,6 @@ def default_memory_budget():
     if backend() == "metal":
         return int(mx.metal.device_info()["max_recommended_working_set_size"])
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
-
-
-# --------------------------------------------------------------------------- server
-
-
-class _Gate(grpc.ServerInterceptor):
-    """Refuses, before the body is parsed, calls with a wrong protocol or no valid handshake token."""
-
-    def __init__(self, node):
-        self.node = node
-
-    def intercept_service(self, continuation, details):
-        method = details.method
-        if method.startswith(_OPEN):
-            return continuation(details)
-        md = dict(details.invocation_metadata or ())
-        reason = self.node.check_call(method, md)
-        handler = continuation(details)
-        if handler is None or reason is not None:
-            return handler if handler is None else _refusal(handler, reason)
-        return _checked(handler, md.get(MD_CRC))
-
-
-class _Bad:
-    """Stands in for a request body that did not match its checksum or did not parse."""
-
-    def __init__(self, code, why):
-        self.code, self.why = code, why
-
-
-def _checked(handler, crc):
-    """``handler`` that answers, before anything runs, DATA_LOSS for a body whose crc32 is not the
-    caller's ``turbo-crc32`` (when sent) and INVALID_ARGUMENT for one that does not parse."""
-    parse = handler.request_deserializer
-
-    def deserialize(raw):
-        if crc is not None:
-            found = zlib.crc32(raw)
-            if not (isinstance(crc, str) and _CRC.fullmatch(crc) and int(crc) == found):
-                return _Bad(grpc.StatusCode.DATA_LOSS, f"request body has crc32 {found}, caller sent {MD_CRC} {crc!r}: damaged on the way")
-        try:
-            return parse(raw) if parse else raw
-        except DecodeError as e:
-            return _Bad(grpc.StatusCode.INVALID_ARGUMENT, f"request body of {len(raw)} bytes is not a valid message: {e}")
-
-    behavior = handlers.behavior(handler)
-
-    def good(request, context):
-        if isinstance(request, _Bad):
-            context.abort(request.code, request.why)
-        return request
-
-    if handler.request_streaming:  # every message of a stream: the checksum is the unary calls' only (chunks carry crc32)
-        deserialize = _parse_only(parse)
-
-        def run(requests, context):
-            return behavior((good(r, context) for r in requests), context)
-    else:
-
-        def run(request, context):
-            return behavior(good(request, context), context)
-
-    return handlers.like(handler, run, deserialize, handler.response_serializer)
-
-
-def _parse_only(parse):
-    def deserialize(raw):
-        try:
-            return parse(raw) if parse else raw
-        except DecodeError as e:
-            return _Bad(grpc.StatusCode.INVALID_ARGUMENT, f"stream message of {len(raw)} bytes is not a valid message: {e}")
-
-    return deserialize
-
-
-def _refusal(handler, reason):
-    """A handler of the same shape as ``handler`` that aborts without deserialising the request."""
-
-    def abort(request_or_iterator, context):
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
-
-    def abort_stream(request_or_iterator, context):
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
-        yield  # pragma: no cover
-
-    return handlers.like(handler, abort_stream if handler.response_streaming else abort)
-
-
-def _status(e):
-    """The gRPC status and message for an error a handler may raise, or None for a bug."""
-    if isinstance(e, Refused):
-        return e.code, str(e)
-    if isinstance(e, SessionError):
-        return getattr(grpc.StatusCode, e.code), str(e)
-    if isinstance(e, wire.WireError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    if isinstance(e, grpc.RpcError):  # the next node refused or is gone: pass its status on
-        return e.code(), f"next node: {e.details()}"
-    return None
-
-
-def _rpc(fn):
-    """Map the node's refusals to gRPC statuses; anything else is a bug and surfaces as UNKNOWN."""
-
-    def wrapper(self, request, context):
-        try:
-            return fn(self, request, context)
-        except (Refused, SessionError, wire.WireError, grpc.RpcError) as e:
-            context.abort(*_status(e))
-
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
-
-
-def _rpc_stream(fn):
-    """``_rpc`` for handlers that stream their replies."""
-
-    def wrapper(self, request, context):
-        try:
-            yield from fn(self, request, context)
-        except (Refused, SessionError, wire.WireError, grpc.RpcError) as e:
-            context.abort(*_status(e))
-
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -238,12 +98,13 @@ class NodeServicer(pb_grpc.NodeServicer):
     # -- gate ---------------------------------------------------------------
 
     def check_call(self, method, md):
-        """None if the call may proceed, else why not (answered with FAILED_PRECONDITION)."""
+        """None if the call may proceed, else ``(why, reason)`` (answered with FAILED_PRECONDITION)."""
         version = md.get(MD_PROTOCOL)
         if version != str(wire.PROTOCOL_VERSION):
             return (
                 f"protocol version mismatch: node speaks turbo-cluster protocol {wire.PROTOCOL_VERSION}, "
-                f"caller sent {version!r} in '{MD_PROTOCOL}' metadata"
+                f"caller sent {version!r} in '{MD_PROTOCOL}' metadata",
+                None,
             )
         if method.endswith("/Handshake"):
             return None
@@ -252,13 +113,13 @@ class NodeServicer(pb_grpc.NodeServicer):
             bound = self.tokens.get(token)
             current = self.compat
         if bound is None:
-            return f"no valid handshake token in '{MD_TOKEN}' metadata; call Handshake first"
+            return f"no valid handshake token in '{MD_TOKEN}' metadata; call Handshake first", errors.REASON_HANDSHAKE
         if compat != bound:
-            return f"'{MD_COMPAT}' metadata {compat!r} does not match the handshake's {bound!r}"
+            return f"'{MD_COMPAT}' metadata {compat!r} does not match the handshake's {bound!r}", errors.REASON_HANDSHAKE
         if bound != current and not method.endswith(("/LoadLayers", "/GetInfo")):
             if current is None:
-                return "this node has no layers loaded; call LoadLayers"
-            return "the node holds another model than this handshake named; call LoadLayers or handshake again"
+                return "this node has no layers loaded; call LoadLayers", None
+            return "the node holds another model than this handshake named; call LoadLayers or handshake again", errors.REASON_HANDSHAKE
         return None
 
     def run_on_model_thread(self, fn, *args):
@@ -363,7 +224,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 f"LoadLayers asked for {desc['name']} (identity {desc['identity'][:16]}...), "
                 "which is not the model this connection's handshake named",
             )
-        need = plan.weights_bytes(desc, start, end)
+        need = weights_bytes(desc, start, end)
         if need > self.memory_budget:
             raise Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -408,7 +269,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         total = 0
         for w in stage.sliding_windows(self.model):
             positions = min(max_context, w) if w else max_context
-            total += plan.kv_bytes(1, d["num_kv_heads"], d["head_dim"], positions, cache)
+            total += kv_bytes(1, d["num_kv_heads"], d["head_dim"], positions, cache)
         return total
 
     def _need_model(self):
@@ -426,15 +287,10 @@ class NodeServicer(pb_grpc.NodeServicer):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"next_address must be host:port, got {request.next_address[:80]!r}")
         if not 0 < request.max_context <= MAX_CONTEXT:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"max_context must be in 1..{MAX_CONTEXT}, got {request.max_context}")
-        cache = {}
-        c = request.cache
-        if c.k_bits or c.v_bits:
-            if not (c.k_bits and c.v_bits):
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"give both k_bits and v_bits, got {c.k_bits}/{c.v_bits}")
-            cache = {
-                "k_bits": c.k_bits, "v_bits": c.v_bits, "fp16_layers": c.fp16_layers,
-                "quantized_start": c.quantized_start, "key_mean": c.key_mean,
-            }
+        try:  # the proto message becomes the session's setting here, in CacheConfig only
+            cache = CacheConfig.from_proto(request.cache).to_dict()
+        except CacheConfigError as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         s = request.sampling
         if not (math.isfinite(s.temperature) and s.temperature >= 0 and 0 <= s.top_p <= 1):
             raise Refused(
@@ -444,7 +300,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         if request.next_address and stage.is_last(model):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the last node of the model cannot have a next node")
         try:
-            caches = self.run_on_model_thread(stage.make_caches, model, cache)
+            caches = self.run_on_model_thread(make_caches, model, cache)
         except ValueError as e:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"cache config {cache}: {e}")
         session = Session(
@@ -466,13 +322,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             session_id=s.session_id,
             offset=s.offset,
             max_context=s.max_context,
-            cache=pb.CacheConfig(
-                k_bits=c.get("k_bits", 0),
-                v_bits=c.get("v_bits", 0),
-                fp16_layers=c.get("fp16_layers", 0),
-                quantized_start=c.get("quantized_start", 0),
-                key_mean=c.get("key_mean", False),
-            ),
+            cache=CacheConfig.from_dict(c).to_proto(pb),
             kv_bytes_reserved=s.kv_bytes_reserved,
             kv_bytes_used=s.kv_bytes_used(),
             next_address=s.next_address,
@@ -634,7 +484,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 return client.forward_tensor(session.session_id, t, raw, want, timeout=timeout)
             except grpc.RpcError as e:
                 # refused at the gate (so nothing ran there): our token predates its last load
-                if attempt or e.code() != grpc.StatusCode.FAILED_PRECONDITION or "andshake" not in e.details():
+                if attempt or errors.reason_of(e) != errors.REASON_HANDSHAKE:
                     raise
 
     def _next_client(self, address, fresh=False):
@@ -678,23 +528,23 @@ class NodeServicer(pb_grpc.NodeServicer):
     def ListSessions(self, request, context):
         return pb.ListSessionsReply(sessions=[self._session_info(s) for s in self.sessions.list()])
 
-    # -- session migration: the work is in migration.py ----------------------
+    # -- session migration: the work is in migration_rpc.py ----------------------
 
     @_rpc_stream
     def ExportSession(self, request, context):
-        yield from migration.serve_export(self, request)
+        yield from migration_rpc.serve_export(self, request)
 
     @_rpc
     def ImportSession(self, request_iterator, context):
-        return migration.serve_import(self, request_iterator)
+        return migration_rpc.serve_import(self, request_iterator)
 
     @_rpc
     def PushSession(self, request, context):
-        return migration.serve_push(self, request)
+        return migration_rpc.serve_push(self, request)
 
     @_rpc
     def RerouteSession(self, request, context):
-        return migration.serve_reroute(self, request)
+        return migration_rpc.serve_reroute(self, request)
 
     def close(self):
         with self._next_lock:
@@ -703,90 +553,3 @@ class NodeServicer(pb_grpc.NodeServicer):
             self._next.clear()
         self._stop.set()
         self._mx.shutdown(wait=False)
-
-
-def make_server(servicer, host="127.0.0.1", port=0, max_workers=16, faults=None):
-    """A started gRPC server with the node, health and reflection services; returns (server, port).
-
-    With ``servicer.secret`` set, every call but health checks must carry an
-    ``auth.py`` credential (UNAUTHENTICATED otherwise), checked before the handshake gate.
-    """
-    gates = ([auth.AuthInterceptor(servicer.secret)] if servicer.secret else []) + [_Gate(servicer)]
-    if faults:  # outermost, so a corrupted body meets the checksum as a bad link's would
-        from ..transport.faults import FaultInterceptor
-
-        gates.insert(0, FaultInterceptor(faults, log=lambda m: print(m, file=sys.stderr, flush=True)))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=gates,
-        options=CHANNEL_OPTIONS,
-    )
-    pb_grpc.add_NodeServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    names = (pb.DESCRIPTOR.services_by_name["Node"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    tls = servicer.tls
-    if tls:
-        bound = server.add_secure_port(f"{host}:{port}", auth.server_credentials(tls["cert"], tls["key"], tls.get("ca")))
-    else:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
-    server.start()
-    server.health = health_servicer
-    return server, bound
-
-
-def serve(
-    host="127.0.0.1", port=0, model=None, layers=None, memory_budget=None, name=None, advertise=True, secret=None,
-    session_ttl=DEFAULT_SESSION_TTL, tls=None, faults=None,
-):
-    """Run a node until SIGINT/SIGTERM: load ``layers`` of ``model`` if given, serve, advertise, withdraw.
-
-    ``tls`` is ``{"cert", "key", "ca"}`` (PEM paths; with ``ca``, clients need a certificate it
-    signed); ``faults`` (faults.parse) injects failures for tests and must be asked for explicitly.
-    """
-    warning = auth.warn_if_exposed(host, secret)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-    if faults:
-        print(f"warning: fault injection is on: {faults}", file=sys.stderr, flush=True)
-    servicer = NodeServicer(name=name, memory_budget=memory_budget, secret=secret, session_ttl=session_ttl, tls=tls)
-    if layers is not None:
-        from ..model import loader
-
-        desc = loader.describe(model)
-        m = servicer.run_on_model_thread(servicer._load, loader, model, *layers)
-        servicer.model, servicer.desc = m, desc
-        servicer.weights_bytes = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
-        servicer.compat = wire.compat_hash(desc["identity"])
-        servicer.sessions.budget_bytes = servicer.memory_budget - servicer.weights_bytes
-        servicer._progress(pb.READY, 1.0, f"layers {layers[0]}:{layers[1]} of {desc['name']} ready")
-    server, bound = make_server(servicer, host, port, faults=faults)
-    mode = ("authenticated" if secret else "no auth") + (", TLS" if tls else "")
-    print(f"turbo-node {servicer.name} ({servicer.node_id}) serving on {host}:{bound} ({mode})", flush=True)
-    handle = None
-    if advertise:
-        props = {
-            "node_id": servicer.node_id,
-            "protocol": wire.PROTOCOL_VERSION,
-            "format": FORMAT_VERSION,
-            "backend": backend(),
-            "memory": servicer.memory_budget,
-            "port": bound,
-        }
-        handle = discovery.advertise(servicer.name, host, bound, props)
-        print(f"advertised as {handle[1].name}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
-    server.health.enter_graceful_shutdown()
-    discovery.withdraw(handle)
-    server.stop(grace=1.0).wait()
-    servicer.close()
-    print(f"turbo-node {servicer.name} stopped", flush=True)

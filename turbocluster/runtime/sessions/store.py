@@ -16,9 +16,10 @@ MAX_EXPIRED = 4096  # expired ids remembered for the NOT_FOUND message
 class SessionError(Exception):
     """A session request that cannot be honoured; ``code`` names the gRPC status."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, reason=None):
         super().__init__(message)
         self.code = code
+        self.reason = reason  # transport.errors.REASON_*, for the caller's control flow
 
 
 @dataclass

@@ -12,6 +12,7 @@ import grpc
 from ...kernels.turboquant import FORMAT_VERSION
 from ...proto import turbo_pb2 as pb
 from ...proto import turbo_pb2_grpc as pb_grpc
+from ..cache.config import CacheConfig
 from . import auth, wire
 
 MD_PROTOCOL, MD_TOKEN, MD_COMPAT = "turbo-protocol", "turbo-token", "turbo-compat"
@@ -103,14 +104,13 @@ class NodeClient:
         return last.info
 
     def create_session(self, session_id, max_context, cache=None, next_address="", temperature=0.0, top_p=0.0, seed=None):
-        cache = cache or {}
         sampling = pb.Sampling(temperature=temperature, top_p=top_p)
         if seed is not None:
             sampling.seed = seed
         request = pb.CreateSessionRequest(
             session_id=session_id,
             max_context=max_context,
-            cache=pb.CacheConfig(**{k: v for k, v in cache.items() if v}),
+            cache=CacheConfig.from_dict(cache, check=False).to_proto(pb),  # the node checks it
             next_address=next_address,
             sampling=sampling,
         )

@@ -1,0 +1,216 @@
+"""The node side of session moves: the bodies of ExportSession, ImportSession, PushSession, RerouteSession.
+
+The exporter keeps serving the session until the importer has checked every
+chunk, the container's sha256, its meta (model identity, layer range, codec
+and container versions) and every cache, and has added the session to its
+store in one step. A transfer that fails at any point leaves the source as it
+was and the target with nothing. Refusals are ``SessionError`` (status name, message).
+"""
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from ...kernels.format import FORMAT_VERSION
+from ...proto import turbo_pb2 as pb
+from ..model import shard as stage
+from ..sessions import container as session_io
+from ..sessions.calls import send
+from ..sessions.container import SessionFormatError
+from ..sessions.store import SessionError
+from ..transport.errors import REASON_MOVE_WHOLE
+from ..sessions.transfer import TURBO_CLASS, append, chunks, export_session, import_session, receive, status_of
+
+
+def _refuse(error):
+    """A SessionFormatError as the SessionError the servicer answers with."""
+    return SessionError(status_of(error), str(error))
+
+
+def _held(node):
+    model = node._need_model()
+    start, end, _ = stage.layer_range(model)
+    return model, (start, end)
+
+
+def _export_on_node(node, session_id, layer_start, layer_end, keep_prefill, from_token=0):
+    """``(header, data)`` for an export, packed on the model thread with the session's lock held."""
+    _, held = _held(node)
+    session = node.sessions.get(session_id)
+    layers = (layer_start, layer_end) if layer_end else held
+    with session.lock:
+        try:
+            data = node.run_on_model_thread(
+                export_session, session, node.desc["identity"], held, layers, not keep_prefill, from_token
+            )
+        except SessionFormatError as e:
+            raise _refuse(e) from e
+        header = pb.SessionHeader(
+            total_bytes=len(data),
+            session_id=session.session_id,
+            model_identity=node.desc["identity"],
+            layer_start=layers[0],
+            layer_end=layers[1],
+            num_tokens=session.offset - from_token,
+            format_version=FORMAT_VERSION,
+            container_version=session_io.CONTAINER_VERSION,
+        )
+    return header, data
+
+
+def serve_export(node, request):
+    """ExportSession: a header message, then the container in crc32-checked chunks."""
+    header, data = _export_on_node(
+        node, request.session_id, request.layer_start, request.layer_end, request.keep_prefill, request.from_token
+    )
+    header.append = request.from_token > 0
+    yield pb.SessionChunk(header=header)
+    for index, piece, crc in chunks(data):
+        yield pb.SessionChunk(chunk=pb.Chunk(index=index, data=piece, crc32=crc))
+
+
+def _check_header(node, header, held):
+    """Refuse a stream for another model, codec, layer range or size before reading its chunks."""
+    want = {
+        "model_identity": node.desc["identity"],
+        "format_version": FORMAT_VERSION,
+        "container_version": session_io.CONTAINER_VERSION,
+        "layer_start": held[0],
+        "layer_end": held[1],
+    }
+    for key, value in want.items():
+        found = getattr(header, key)
+        if found != value:
+            raise SessionError("FAILED_PRECONDITION", f"header.{key}: expected {value!r}, found {found!r}")
+    if not session_io.HEADER_BYTES <= header.total_bytes <= session_io.MAX_SESSION_BYTES:
+        raise SessionError(
+            "INVALID_ARGUMENT", f"header.total_bytes: expected {session_io.HEADER_BYTES}..{session_io.MAX_SESSION_BYTES}, found {header.total_bytes}"
+        )
+
+
+def serve_import(node, messages):
+    """ImportSession: check the header, receive every chunk, rebuild, then add the session in one step.
+
+    ``header.stage`` holds the rebuilt session aside instead (a pre-copy);
+    ``header.append`` appends the container to the staged session of that id and installs it.
+    """
+    model, held = _held(node)
+    first = next(messages, None)
+    if first is None or not first.HasField("header"):
+        raise SessionError("INVALID_ARGUMENT", "ImportSession must start with a header message")
+    header = first.header
+    _check_header(node, header, held)
+    if header.next_address and stage.is_last(model):
+        raise SessionError("INVALID_ARGUMENT", "the last node of the model cannot have a next node")
+    if header.stage and header.append:
+        raise SessionError("INVALID_ARGUMENT", "a session stream either stages a copy or appends to one, not both")
+    if header.stage and header.session_id in {s.session_id for s in node.sessions.list()}:
+        raise SessionError("ALREADY_EXISTS", f"session {header.session_id!r} already exists")
+
+    def pieces():
+        for m in messages:
+            if not m.HasField("chunk"):
+                raise SessionFormatError("stream", "every ImportSession message after the header must carry a chunk")
+            yield m.chunk.index, m.chunk.data, m.chunk.crc32
+
+    expect = {"model": node.desc["identity"], "layers": held, "num_tokens": header.num_tokens}
+    staged = _staged(node)
+    try:
+        data = receive(pieces(), header.total_bytes)
+        if header.append:
+            with staged.lock:
+                session = staged.sessions.pop(header.session_id, None)
+            if session is None:
+                raise SessionError("FAILED_PRECONDITION", f"no staged session {header.session_id!r} to append to; stage it first")
+            node.run_on_model_thread(_append_delta, session, data, expect)
+            session.next_address = header.next_address
+        else:
+            with staged.lock:
+                staged.sessions.pop(header.session_id, None)  # a whole copy replaces a staged one
+            session = node.run_on_model_thread(
+                import_session, data, expect, node._kv_bytes, header.session_id, header.next_address
+            )
+    except SessionFormatError as e:
+        raise _refuse(e) from e
+    if header.stage:  # checked and built, held aside until its delta arrives
+        with staged.lock:
+            staged.sessions[session.session_id] = session
+            while len(staged.sessions) > MAX_STAGED:
+                staged.sessions.pop(next(iter(staged.sessions)))  # the oldest, never committed
+        return node._session_info(session)
+    node.sessions.add(session)  # whole or not at all: a taken id or an over-budget session is refused here
+    return node._session_info(session)
+
+
+MAX_STAGED = 4  # staged (pre-copied, not yet committed) sessions a node keeps
+
+
+@dataclass
+class _Staging:
+    sessions: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_staging_lock = threading.Lock()
+
+
+def _staged(node):
+    """The node's staged sessions: built and checked, not serving, waiting for their delta."""
+    with _staging_lock:
+        if not hasattr(node, "migration_staged"):
+            node.migration_staged = _Staging()
+        return node.migration_staged
+
+
+def _append_delta(session, data, expect):
+    tail, meta = session_io.unpack_session(data, dict(expect, delta_from=session.offset))
+    append(session.caches, tail)
+
+
+def serve_push(node, request):
+    """PushSession: export to another node's ImportSession directly; returns what it installed."""
+    t0 = time.perf_counter()
+    if request.stage:
+        _check_precopy(node, request)
+    header, data = _export_on_node(
+        node, request.session_id, request.layer_start, request.layer_end, request.keep_prefill, request.from_token
+    )
+    t1 = time.perf_counter()
+    header.session_id = request.target_session_id or request.session_id
+    header.next_address = request.next_address
+    header.stage, header.append = request.stage, request.from_token > 0
+    client = node._next_client(request.target_address)
+    try:
+        info = send(client, header, data)
+    except grpc.RpcError as e:
+        raise SessionError(e.code().name, f"target {request.target_address}: {e.details()}") from None
+    t2 = time.perf_counter()
+    return pb.PushSessionReply(session=info, container_bytes=len(data), export_ms=(t1 - t0) * 1e3, transfer_ms=(t2 - t1) * 1e3)
+
+
+def _check_precopy(node, request):
+    """Refuse to stage a copy whose tail could not follow (FAILED_PRECONDITION, reason REASON_MOVE_WHOLE)."""
+    _, held = _held(node)
+    session = node.sessions.get(request.session_id)
+    a, b = (request.layer_start, request.layer_end) if request.layer_end else held
+    for c in session.caches[a - held[0] : b - held[0]]:
+        name = type(c).__name__
+        if not (name == "KVCache" or name == TURBO_CLASS and (c.compressed or c.offset == 0 and not c.quantized_start)):
+            raise SessionError(
+                "FAILED_PRECONDITION",
+                f"a {name} {'in its fp16 phase ' if name == TURBO_CLASS else ''}cannot be pre-copied; move it whole",
+                REASON_MOVE_WHOLE,
+            )
+
+
+def serve_reroute(node, request):
+    """RerouteSession: point the session's hidden states at another next node."""
+    model, _ = _held(node)
+    session = node.sessions.get(request.session_id)
+    if request.next_address and stage.is_last(model):
+        raise SessionError("INVALID_ARGUMENT", "the last node of the model cannot have a next node")
+    with session.lock:  # not between a step's compute and its forwarding
+        session.next_address = request.next_address
+    return node._session_info(session)

@@ -1,0 +1,106 @@
+"""Running a node: the gRPC server with its interceptors, health and reflection, zeroconf, signals."""
+
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from mlx.utils import tree_flatten
+
+from ...kernels.format import FORMAT_VERSION
+from ...proto import turbo_pb2 as pb
+from ...proto import turbo_pb2_grpc as pb_grpc
+from ..transport import auth, discovery, wire
+from ..transport.client import CHANNEL_OPTIONS
+from .gate import Gate
+from .servicer import DEFAULT_SESSION_TTL, SERVICE, NodeServicer, backend
+
+
+def make_server(servicer, host="127.0.0.1", port=0, max_workers=16, faults=None):
+    """A started gRPC server with the node, health and reflection services; returns (server, port).
+
+    With ``servicer.secret`` set, every call but health checks must carry an
+    ``auth.py`` credential (UNAUTHENTICATED otherwise), checked before the handshake gate.
+    """
+    gates = ([auth.AuthInterceptor(servicer.secret)] if servicer.secret else []) + [Gate(servicer)]
+    if faults:  # outermost, so a corrupted body meets the checksum as a bad link's would
+        from ..transport.faults import FaultInterceptor
+
+        gates.insert(0, FaultInterceptor(faults, log=lambda m: print(m, file=sys.stderr, flush=True)))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=gates,
+        options=CHANNEL_OPTIONS,
+    )
+    pb_grpc.add_NodeServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    names = (pb.DESCRIPTOR.services_by_name["Node"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    tls = servicer.tls
+    if tls:
+        bound = server.add_secure_port(f"{host}:{port}", auth.server_credentials(tls["cert"], tls["key"], tls.get("ca")))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    server.start()
+    server.health = health_servicer
+    return server, bound
+
+
+def serve(
+    host="127.0.0.1", port=0, model=None, layers=None, memory_budget=None, name=None, advertise=True, secret=None,
+    session_ttl=DEFAULT_SESSION_TTL, tls=None, faults=None,
+):
+    """Run a node until SIGINT/SIGTERM: load ``layers`` of ``model`` if given, serve, advertise, withdraw.
+
+    ``tls`` is ``{"cert", "key", "ca"}`` (PEM paths; with ``ca``, clients need a certificate it
+    signed); ``faults`` (faults.parse) injects failures for tests and must be asked for explicitly.
+    """
+    warning = auth.warn_if_exposed(host, secret)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if faults:
+        print(f"warning: fault injection is on: {faults}", file=sys.stderr, flush=True)
+    servicer = NodeServicer(name=name, memory_budget=memory_budget, secret=secret, session_ttl=session_ttl, tls=tls)
+    if layers is not None:
+        from ..model import loader
+
+        desc = loader.describe(model)
+        m = servicer.run_on_model_thread(servicer._load, loader, model, *layers)
+        servicer.model, servicer.desc = m, desc
+        servicer.weights_bytes = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
+        servicer.compat = wire.compat_hash(desc["identity"])
+        servicer.sessions.budget_bytes = servicer.memory_budget - servicer.weights_bytes
+        servicer._progress(pb.READY, 1.0, f"layers {layers[0]}:{layers[1]} of {desc['name']} ready")
+    server, bound = make_server(servicer, host, port, faults=faults)
+    mode = ("authenticated" if secret else "no auth") + (", TLS" if tls else "")
+    print(f"turbo-node {servicer.name} ({servicer.node_id}) serving on {host}:{bound} ({mode})", flush=True)
+    handle = None
+    if advertise:
+        props = {
+            "node_id": servicer.node_id,
+            "protocol": wire.PROTOCOL_VERSION,
+            "format": FORMAT_VERSION,
+            "backend": backend(),
+            "memory": servicer.memory_budget,
+            "port": bound,
+        }
+        handle = discovery.advertise(servicer.name, host, bound, props)
+        print(f"advertised as {handle[1].name}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    server.health.enter_graceful_shutdown()
+    discovery.withdraw(handle)
+    server.stop(grace=1.0).wait()
+    servicer.close()
+    print(f"turbo-node {servicer.name} stopped", flush=True)
