@@ -8,7 +8,7 @@ CreateSession, the session container, failover's journal) passes a
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
-from ...kernels import turboquant as tq
+from ...kernels import format as tq
 
 
 class CacheConfigError(ValueError):
@@ -56,28 +56,6 @@ class CacheConfig:
         if self.quantized_start:
             text += f" quantized-start {self.quantized_start}"
         return text
-
-    def layer_is_turbo(self, global_layer: int) -> bool:
-        return self.turbo and global_layer >= self.fp16_layers
-
-    def kv_bytes(self, layers, num_kv_heads: int, head_dim: int, positions: int, itemsize: int = 2) -> int:
-        """Bytes the caches of ``layers`` (global indices) hold at ``positions``, as the cache stores them.
-
-        fp16 layers and the fp16 phase before ``quantized_start`` hold keys and
-        values at ``itemsize`` bytes each (4 on CPU nodes, which run float32);
-        packed layers hold ``turboquant.vector_nbytes`` per vector.
-        """
-        packed = tq.vector_nbytes(head_dim, self.k_bits) + tq.vector_nbytes(head_dim, self.v_bits) if self.turbo else 0
-        dense = 2 * head_dim * itemsize
-        total = 0
-        for g in layers:
-            if self.layer_is_turbo(g):
-                # up to quantized_start positions the cache is dense, past it all packed
-                per = dense if positions <= self.quantized_start else packed
-            else:
-                per = dense
-            total += per * num_kv_heads * positions
-        return total
 
     # -- conversions: the only place the setting changes form -------------------
 
@@ -131,8 +109,8 @@ def kv_bytes(num_layers, num_kv_heads, head_dim, positions, cache=None, itemsize
     """Bytes of K and V for ``positions`` tokens over ``num_layers`` layers.
 
     fp16: 2 * heads * head_dim * itemsize per position and layer, rounded up to
-    mlx-lm's 256-position allocation step. TurboQuant: bits/8 per coordinate
-    plus a float32 norm per vector (an estimate; the codec module is exact).
+    mlx-lm's 256-position allocation step. TurboQuant: the format's own bytes
+    per packed vector (``format.vector_nbytes``: words plus the fp16 scale).
     """
     positions = -(-positions // 256) * 256
     cache = CacheConfig.from_dict(cache) if not isinstance(cache, CacheConfig) else cache
@@ -140,5 +118,5 @@ def kv_bytes(num_layers, num_kv_heads, head_dim, positions, cache=None, itemsize
     if not (k_bits or v_bits):
         per = 2 * head_dim * itemsize
     else:
-        per = (k_bits + v_bits) * head_dim // 8 + 8
+        per = tq.vector_nbytes(head_dim, k_bits) + tq.vector_nbytes(head_dim, v_bits)
     return num_layers * num_kv_heads * positions * per
