@@ -37,7 +37,7 @@ from .driver import PREFILL_STEP, Driver, Stats  # noqa: F401  (PREFILL_STEP, St
 from .membership import Membership, load_plan, plan_over
 from .plan import Plan
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 _SERVING = re.compile(r"serving on (\S+:\d+)")
 
 
@@ -117,12 +117,20 @@ def stop_local_nodes(nodes, timeout=10.0):
 # --------------------------------------------------------------------------- the cluster
 
 
-def _tokenizer(model):
+def tokenizer_for(model):
+    """The model's tokenizer, without its weights."""
     from ..model import loader
 
     if hasattr(loader, "load_tokenizer"):
         return loader.load_tokenizer(model)
     return loader.load(model, layers=(0, 1))[1]
+
+
+def encode(tokenizer, prompt: str, chat: bool = True) -> list:
+    """Token ids of a user message: through the chat template when the tokenizer has one and ``chat``."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return tokenizer.encode(prompt)
 
 
 def parse_nodes(text) -> list:
@@ -182,8 +190,12 @@ class Cluster:
         """
         from ..model import loader
 
-        say = log or (lambda *a: None)
         desc = loader.describe(model)
+        handler = _Callback(log) if log is not None else None
+        if handler is not None:  # diagnostics are logging records; the callback just receives them
+            logging.getLogger("turbocluster.runtime.cluster").addHandler(handler)
+            logging.getLogger("turbocluster.runtime.cluster").setLevel(logging.INFO)
+        say = _log.info
         started = []
         if nodes:
             addresses = parse_nodes(nodes)
@@ -214,8 +226,12 @@ class Cluster:
             for c in clients:
                 c.close()
             stop_local_nodes(started)
+            if handler is not None:
+                logging.getLogger("turbocluster.runtime.cluster").removeHandler(handler)
             raise
-        return cls(clients, desc, model, started, log, secret, tls)
+        cluster = cls(clients, desc, model, started, None, secret, tls)
+        cluster._handler = handler
+        return cluster
 
     def dial(self, address: str, **kw) -> NodeClient:
         """A handshaken ``NodeClient`` to ``address`` with this cluster's secret and TLS (for nodes dialled later)."""
@@ -239,14 +255,15 @@ class Cluster:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = _tokenizer(self.model)
+            self._tokenizer = tokenizer_for(self.model)
         return self._tokenizer
 
+    @tokenizer.setter
+    def tokenizer(self, tok):  # one loaded before connecting (the CLI checks the prompt first)
+        self._tokenizer = tok
+
     def encode(self, prompt: str, chat: bool = True) -> list:
-        tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
-            return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return tok.encode(prompt)
+        return encode(self.tokenizer, prompt, chat)
 
     def generate_tokens(
         self, prompt_ids, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, cache=None, max_context=None, stop_at_eos=True,
