@@ -152,7 +152,7 @@ def cache_of(args):
     if (k is None) != (v is None):
         raise UsageError(f"give both --k-bits and --v-bits (or --kv-bits), got k={k} v={v}")
     allowed = ", ".join(map(str, SUPPORTED_BITS))
-    for flag, b in (("--k-bits/--kv-bits", k), ("--v-bits/--kv-bits", v)):
+    for flag, b in (("--k-bits" if args.k_bits is not None else "--kv-bits", k), ("--v-bits" if args.v_bits is not None else "--kv-bits", v)):
         if b is not None and b not in SUPPORTED_BITS:
             raise UsageError(f"{flag} {b} is not a TurboQuant width; use one of {allowed}, or leave it out for an fp16 cache")
     if args.key_mean and not k:
@@ -217,8 +217,8 @@ def generate(args) -> int:
     check_generate(args)
     cache = cache_of(args)
     check_model(args.model)
-    check_nodes(args)
     secret(args), tls(args)
+    check_nodes(args)
     describe(args.model)
     from ..cluster import failover
     from ..cluster.cluster import encode, tokenizer_for
@@ -251,6 +251,7 @@ def plan(args) -> int:
     if args.context < 1:
         raise UsageError(f"--context must be at least 1, got {args.context}")
     check_model(args.model)
+    secret(args), tls(args)
     check_nodes(args)
     describe(args.model)
     with _connect(args) as cluster:
@@ -275,10 +276,20 @@ def nodes(args) -> int:
 
 def sessions_command(args) -> int:
     check_model(args.model)
+    secret(args), tls(args)
     if args.command == "migrate":
         check_address(args.to, "--to")
     if args.command == "restore" and not os.path.isfile(args.path):
         raise UsageError(f"snapshot {args.path} is not a file; give the path `turbo-cluster snapshot --out` wrote")
+    if args.command == "restore":
+        from ..sessions import container
+
+        try:
+            container.load_snapshot(args.path)  # a bad file is refused before any node is dialled
+        except container.SessionFormatError as e:
+            raise Failure(f"snapshot {args.path} cannot be restored: {e}") from None
+        except OSError as e:
+            raise Failure(f"snapshot {args.path} cannot be read: {e.strerror or e}") from None
     check_nodes(args)
     with _connect(args) as cluster:
         if args.command == "sessions":
