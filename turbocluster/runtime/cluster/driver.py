@@ -153,8 +153,8 @@ class Driver:
             for c in others:
                 try:
                     drop(c, sid, t)
-                except grpc.RpcError:
-                    pass  # unreachable: its session TTL frees it
+                except (grpc.RpcError, ValueError):
+                    pass  # unreachable, or the cluster closed meanwhile: the node's session TTL frees it
 
         if others:
             threading.Thread(target=sweep, name=f"drop-{sid[:8]}", daemon=True).start()
