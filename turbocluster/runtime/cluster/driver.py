@@ -206,8 +206,9 @@ class Driver:
     def _run(self, j: Journal) -> pb.ForwardReply:
         """Bring the session's caches up to the end of its journal; the reply of the last step."""
         m, p = self.cluster.membership, self.policy
-        failures, rewind, reply, rebuilt = 0, False, None, None
+        failures, rewind, reply, rebuilt, attempts = 0, False, None, None, 0
         while True:
+            attempts += 1
             seen, at = m.epoch, j.done
             try:
                 if j.epoch != seen:
@@ -222,7 +223,12 @@ class Driver:
                 first = self.live[j.session_id].route[0].client
                 while j.done < len(j.steps):
                     step = j.steps[j.done]
-                    reply = first.forward(j.session_id, tokens=list(step.ids), want=step.want, timeout=p.step_timeout(len(step.ids)))
+                    reply = first.forward(
+                        j.session_id, tokens=list(step.ids), want=step.want, timeout=p.step_timeout(len(step.ids)),
+                        # every stage must hold exactly this many positions (a late or doubled step is refused,
+                        # never applied twice); the key is new per attempt because a failed attempt is trimmed away
+                        expected_position=j.offset(), step_id=f"{j.session_id}/{j.epoch}/{j.done}/{attempts}",
+                    )
                     if step.want == pb.TOKEN:
                         if step.out is not None and j.reproducible and reply.token != step.out:
                             raise ClusterError(

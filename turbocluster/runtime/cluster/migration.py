@@ -8,6 +8,7 @@ copy dropped. Any failure before the drops leaves the old route serving.
 
 import logging
 import time
+import uuid
 
 import grpc
 
@@ -136,9 +137,9 @@ def move(cluster, live, route, relay=False):
 
     def whole(st, nxt, sources):
         if len(sources) == 1 and not relay:
-            sent[0] += push(sources[0].client, sid, (st.start, st.end), st.address, nxt).container_bytes
+            sent[0] += push(sources[0].client, sid, (st.start, st.end), st.address, nxt, holder=holder).container_bytes
             return
-        parts = [fetch(o.client, sid, (max(o.start, st.start), min(o.end, st.end)))[1] for o in sources]
+        parts = [fetch(o.client, sid, (max(o.start, st.start), min(o.end, st.end)), holder=holder)[1] for o in sources]
         sent[0] += sum(map(len, parts))
         if len(parts) == 1:
             data, meta = parts[0], _peek_meta(parts[0])
@@ -163,14 +164,16 @@ def move(cluster, live, route, relay=False):
             staged[key(st)] = reply.session.offset
             sent[0] += reply.container_bytes
             packing_ms += reply.export_ms  # the source held the session's lock this long
+    holder = f"migrate-{uuid.uuid4().hex[:12]}"
     with live.lock:
         t1 = time.perf_counter()
+        locked = lock_route(old, sid, holder)  # another process's steps and moves wait for this one
         try:
             for st, nxt, sources in todo:
                 try:
                     if key(st) in staged:
                         src = sources[0].client
-                        reply = push(src, sid, (st.start, st.end), st.address, nxt, from_token=staged[key(st)])
+                        reply = push(src, sid, (st.start, st.end), st.address, nxt, from_token=staged[key(st)], holder=holder)
                         sent[0] += reply.container_bytes
                     else:
                         whole(st, nxt, sources)
@@ -190,12 +193,47 @@ def move(cluster, live, route, relay=False):
                     rerouted.append((st, before[0]))
         except BaseException:
             _drop_quietly(built, sid)
+            unlock_route(locked, sid, holder)
             raise
         new = {key(st) for st in route}
         _drop_quietly([o for o in old if key(o) not in new], sid)
+        unlock_route([o for o in locked if key(o) in new], sid, holder)
         live.route = list(route)
         t2 = time.perf_counter()
     return {"wire_bytes": sent[0], "seconds": t2 - t0, "pause_ms": (t2 - t1) * 1e3 + packing_ms}
+
+
+LOCK_TTL_S = 60.0  # a migration's node-side lock expires by itself if this process dies holding it
+
+
+def lock_route(stages, session_id, holder):
+    """LockSession on every stage: steps and moves by anyone else are refused until ``unlock_route``.
+
+    Returns the stages locked. A node that does not know the RPC yet (UNIMPLEMENTED) is skipped:
+    this process's ``Live.lock`` still serialises its own steps and moves.
+    """
+    locked = []
+    try:
+        for st in stages:
+            try:
+                st.client.lock_session(session_id, holder, LOCK_TTL_S)
+                locked.append(st)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise _failed(f"locking session {session_id!r}", st.client, e) from None
+                log.info("node %s has no LockSession; relying on this process's lock", st.address)
+    except BaseException:
+        unlock_route(locked, session_id, holder)
+        raise
+    return locked
+
+
+def unlock_route(stages, session_id, holder):
+    for st in stages:
+        try:
+            st.client.unlock_session(session_id, holder)
+        except grpc.RpcError as e:  # gone, or already expired: the lock's TTL frees it
+            log.info("unlocking session %r on %s: %s", session_id, st.address, e.code().name)
 
 
 def _peek_meta(data):
