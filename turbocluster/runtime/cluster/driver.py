@@ -142,11 +142,13 @@ class Driver:
         live, self.journals = self.live.pop(sid, None), {k: v for k, v in self.journals.items() if k != sid}
         route = [st.client for st in live.route] if live else []
         t = self.policy.probe_timeout_s
-        for c in route:
-            try:
-                c.drop(sid, timeout=5.0)
-            except grpc.RpcError:
-                pass  # the node is gone or already dropped it; nothing left to free
+        with live.lock if live else threading.Lock():  # a migration in flight finishes first, then its route goes
+            route = [st.client for st in live.route] if live else []
+            for c in route:
+                try:
+                    c.drop(sid, timeout=5.0)
+                except grpc.RpcError:
+                    pass  # the node is gone or already dropped it; nothing left to free
         others = [c for a, c in self.cluster.membership.known().items() if a not in {c.address for c in route}]
 
         def sweep():
