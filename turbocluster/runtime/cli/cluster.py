@@ -22,7 +22,6 @@ import sys
 import time
 
 from . import output
-from .node import COMMANDS as _NODE_COMMANDS  # noqa: F401  (one hook pattern for both tools)
 from .node import check_model, parse_layers, secret, secret_arg, tls, tls_args, version
 from .output import Failure, UsageError
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import grpc
 
 from ...proto import turbo_pb2 as pb
-from ..transport.errors import REASON_HANDSHAKE, ClusterError, from_rpc, reason_of
+from ..transport.errors import REASON_HANDSHAKE, ClusterError, MigrationError, from_rpc, reason_of
 from .plan import NodeSpec, Plan, make_plan
 
 log = logging.getLogger(__name__)
@@ -173,3 +173,62 @@ def load_plan(clients: list, plan: Plan, desc: dict, model: str, progress=None, 
         for job in [pool.submit(one, c, a) for c, a in zip(ordered, plan.assignments)]:
             job.result()
     return ordered
+
+
+# --------------------------------------------------------------------------- who holds which session
+
+
+def list_sessions(membership) -> list:
+    """Every session on the connected nodes: id, positions, bytes, and which node holds which layers."""
+    out = {}
+    for c in membership.known().values():
+        try:
+            info = c.info()
+            held = c.sessions()
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE and c.address not in {x.address for x in membership.clients}:
+                continue  # a migration target that has gone away holds nothing of ours
+            raise MigrationError(f"listing sessions: node {c.address}: {e.code().name}: {e.details()}", e.code()) from None
+        for s in held:
+            row = out.setdefault(s.session_id, {"session_id": s.session_id, "offset": s.offset, "kv_bytes": 0, "stages": []})
+            row["kv_bytes"] += s.kv_bytes_used
+            row["stages"].append(
+                {"node": info.name, "address": c.address, "layers": [info.layer_start, info.layer_end],
+                 "kv_bytes": s.kv_bytes_used, "offset": s.offset, "next": s.next_address}
+            )
+    for row in out.values():
+        row["stages"].sort(key=lambda st: st["layers"][0])
+    return sorted(out.values(), key=lambda r: r["session_id"])
+
+
+LOCK_TTL_S = 60.0  # a migration's node-side lock expires by itself if this process dies holding it
+
+
+def lock_route(stages, session_id, holder):
+    """LockSession on every stage: steps and moves by anyone else are refused until ``unlock_route``.
+
+    Returns the stages locked. A node that does not know the RPC yet (UNIMPLEMENTED) is skipped:
+    this process's ``Live.lock`` still serialises its own steps and moves.
+    """
+    locked = []
+    try:
+        for st in stages:
+            try:
+                st.client.lock_session(session_id, holder, LOCK_TTL_S)
+                locked.append(st)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise MigrationError(f"locking session {session_id!r}: node {st.address}: {e.code().name}: {e.details()}", e.code()) from None
+                log.info("node %s has no LockSession; relying on this process's lock", st.address)
+    except BaseException:
+        unlock_route(locked, session_id, holder)
+        raise
+    return locked
+
+
+def unlock_route(stages, session_id, holder):
+    for st in stages:
+        try:
+            st.client.unlock_session(session_id, holder)
+        except grpc.RpcError as e:  # gone, or already expired: the lock's TTL frees it
+            log.info("unlocking session %r on %s: %s", session_id, st.address, e.code().name)

@@ -17,7 +17,7 @@ from ..sessions import container as session_io
 from ..sessions.calls import fetch, header_for, push, reroute, send
 from ..sessions.transfer import merge, split
 from ..transport.errors import REASON_MOVE_WHOLE, MigrationError, reason_of
-from .membership import Live, Stage, load_plan, plan_over
+from .membership import Live, Stage, list_sessions, load_plan, lock_route, plan_over, unlock_route  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -203,39 +203,6 @@ def move(cluster, live, route, relay=False):
     return {"wire_bytes": sent[0], "seconds": t2 - t0, "pause_ms": (t2 - t1) * 1e3 + packing_ms}
 
 
-LOCK_TTL_S = 60.0  # a migration's node-side lock expires by itself if this process dies holding it
-
-
-def lock_route(stages, session_id, holder):
-    """LockSession on every stage: steps and moves by anyone else are refused until ``unlock_route``.
-
-    Returns the stages locked. A node that does not know the RPC yet (UNIMPLEMENTED) is skipped:
-    this process's ``Live.lock`` still serialises its own steps and moves.
-    """
-    locked = []
-    try:
-        for st in stages:
-            try:
-                st.client.lock_session(session_id, holder, LOCK_TTL_S)
-                locked.append(st)
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise _failed(f"locking session {session_id!r}", st.client, e) from None
-                log.info("node %s has no LockSession; relying on this process's lock", st.address)
-    except BaseException:
-        unlock_route(locked, session_id, holder)
-        raise
-    return locked
-
-
-def unlock_route(stages, session_id, holder):
-    for st in stages:
-        try:
-            st.client.unlock_session(session_id, holder)
-        except grpc.RpcError as e:  # gone, or already expired: the lock's TTL frees it
-            log.info("unlocking session %r on %s: %s", session_id, st.address, e.code().name)
-
-
 def _peek_meta(data):
     """The meta of container bytes without building caches (the importer checks everything)."""
     import msgpack
@@ -382,25 +349,7 @@ def restore(cluster, path, session_id=None):
 
 def sessions(cluster):
     """Every session on the connected nodes: id, positions, bytes, and which node holds which layers."""
-    out = {}
-    for c in _clients(cluster):
-        try:
-            info = c.info()
-            held = c.sessions()
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE and c not in cluster.clients:
-                continue  # a migration target that has gone away holds nothing of ours
-            raise _failed("listing sessions", c, e) from None
-        for s in held:
-            row = out.setdefault(s.session_id, {"session_id": s.session_id, "offset": s.offset, "kv_bytes": 0, "stages": []})
-            row["kv_bytes"] += s.kv_bytes_used
-            row["stages"].append(
-                {"node": info.name, "address": c.address, "layers": [info.layer_start, info.layer_end],
-                 "kv_bytes": s.kv_bytes_used, "offset": s.offset, "next": s.next_address}
-            )
-    for row in out.values():
-        row["stages"].sort(key=lambda st: st["layers"][0])
-    return sorted(out.values(), key=lambda r: r["session_id"])
+    return list_sessions(cluster.membership)
 
 
 def replan(cluster, nodes, context=None, cache=None):
