@@ -78,6 +78,9 @@ def run(args):
     from turbocluster.runtime.model import loader
     from turbocluster.runtime.cluster.cluster import Cluster, ClusterError, start_local_nodes, stop_local_nodes
 
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"turbocluster\.")  # each is logged once already
     rng = random.Random(args.seed)
     model, tok = loader.load()
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True) for q in PROMPTS]

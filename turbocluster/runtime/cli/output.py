@@ -8,6 +8,7 @@ records; ``setup_logging`` shows them on stderr.
 
 import logging
 import sys
+import warnings
 from typing import Optional
 
 
@@ -56,4 +57,6 @@ def setup_logging(verbose: bool = False, level: Optional[int] = None) -> None:
     root = logging.getLogger("turbocluster")
     if not any(isinstance(h, _Stderr) for h in root.handlers):
         root.addHandler(_Stderr())
+    # the library also raises its warnings as Python warnings (for code to catch); a person sees the log line once
+    warnings.filterwarnings("ignore", module=r"turbocluster\.")
     root.setLevel(level if level is not None else (logging.INFO if verbose else logging.WARNING))
