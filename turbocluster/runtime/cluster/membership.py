@@ -59,7 +59,8 @@ class Membership:
         self.members = [c.address for c in clients]  # every node the cluster may use, in order
         self.peers = {}  # address -> NodeClient of nodes outside the pipeline (spares, migration targets)
         self.epoch = 0  # plan generation; goes up by one per failover re-plan
-        self.lock = threading.RLock()  # one change of membership at a time
+        self.lock = threading.RLock()  # one change of membership (a re-plan) at a time; held across RPCs
+        self._conns = threading.Lock()  # the lists themselves; never held across an RPC (probes dial from worker threads)
         self._dial = dial
 
     @property
@@ -79,7 +80,7 @@ class Membership:
 
     def adopt(self, clients: list, plan: Optional[Plan], replanned: bool = False) -> None:
         """Make ``clients`` (in order) the pipeline and ``plan`` its plan; the old pipeline's others become peers."""
-        with self.lock:
+        with self._conns:
             keep = {c.address for c in clients}
             for c in self._clients:
                 if c.address not in keep:
@@ -95,16 +96,18 @@ class Membership:
 
     def client(self, address: str) -> object:
         """The connection to ``address``, dialled (and kept as a peer) if there is none."""
-        with self.lock:
+        with self._conns:
             c = self.known().get(address)
-            if c is None:
-                c = self.peers[address] = self._dial(address)
-            return c
+        if c is None:
+            c = self._dial(address)
+            with self._conns:
+                c = self.peers.setdefault(address, c)
+        return c
 
     def redial(self, address: str, **kw) -> object:
         """A fresh, handshaken connection to ``address`` (a restarted node forgot the old one); replaces it."""
         fresh = self._dial(address, **kw)
-        with self.lock:
+        with self._conns:
             old = self.known().get(address)
             self._clients = [fresh if c.address == address else c for c in self._clients]
             if address in self.peers or old is None:
