@@ -319,7 +319,13 @@ class Driver:
             def trim():  # idempotent: re-read the offset each try, a lost Trim reply may have trimmed already
                 held = [x for x in c.sessions(timeout=p.probe_timeout_s) if x.session_id == j.session_id]
                 if held and held[0].offset > target:
-                    c.trim(j.session_id, held[0].offset - target, timeout=p.probe_timeout_s)
+                    try:
+                        c.trim(j.session_id, held[0].offset - target, timeout=p.probe_timeout_s)
+                    except grpc.RpcError as e:  # the session changed between the listing and the trim: rebuild it
+                        if e.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+                            raise
+                        log.info("session %s: trim on %s refused (%s); rebuilding it", j.session_id, c.address, e.code().name)
+                        return False
                     return True
                 return bool(held) and held[0].offset == target
 
