@@ -16,6 +16,7 @@ a warning and the reference is used. ``TURBO_FAST_KERNELS=0`` switches it off
 outright.
 """
 
+import functools
 import logging
 import os
 import warnings
@@ -109,9 +110,20 @@ def _build(kind):
     }
 
 
+@functools.lru_cache(maxsize=256)
+def _params(total, bits, dim, words):
+    return mx.array([total, bits, dim, words], dtype=mx.uint32)
+
+
+@functools.lru_cache(maxsize=None)
+def _table(kind, bits):
+    """The boundaries or centroids of a width as a device array, made once (not per call)."""
+    return mx.array(fmt.boundaries(bits) if kind == "bounds" else fmt.centroids(bits), dtype=mx.float32)
+
+
 def _launch(kernel, inputs, total, shape, dtype, bits, dim, words):
     return kernel(
-        inputs=inputs + [mx.array([total, bits, dim, words], dtype=mx.uint32)],
+        inputs=inputs + [_params(total, bits, dim, words)],
         grid=(max(total, 1), 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[shape],
@@ -178,9 +190,9 @@ def _self_check(kind, reference):
 
 def quantize_pack(coords, bits, words):
     """Packed words for [N, D] normalised rotated coordinates, on the fast path."""
-    return _quantize_pack(kernels_for_device(), coords, bits, words, mx.array(fmt.boundaries(bits), dtype=mx.float32))
+    return _quantize_pack(kernels_for_device(), coords, bits, words, _table("bounds", bits))
 
 
 def dequantize(packed, scales, bits, dim):
     """``scale * centroid[idx]`` (float32 [N, D]) from [N, W] words, on the fast path."""
-    return _dequantize(kernels_for_device(), packed, scales, bits, dim, mx.array(fmt.centroids(bits), dtype=mx.float32))
+    return _dequantize(kernels_for_device(), packed, scales, bits, dim, _table("centroids", bits))

@@ -234,7 +234,9 @@ class _Packed:
 def _random_packed(B, H, T, dim, bits, cap=None):
     words = tq.packed_words(dim, bits)
     cap = cap or T
-    packed = mx.random.bits((B, H, cap, words), width=4)
+    hi = mx.random.randint(0, 1 << 16, (B, H, cap, words)).astype(mx.uint32)
+    lo = mx.random.randint(0, 1 << 16, (B, H, cap, words)).astype(mx.uint32)
+    packed = (hi << 16) | lo  # uniform 32-bit words
     scales = mx.random.uniform(0.05, 2.0, (B, H, cap, 1)).astype(mx.float16)
     # a slice of a larger buffer, as the cache hands it over
     return _Packed(packed[..., :T, :], scales[..., :T, :], bits, dim)
