@@ -19,6 +19,7 @@ _PRELUDE = {
         "$SHARED": "__shared__",
         "$SPTR": "",
         "$BARRIER": "__syncthreads()",
+        "$UNROLL4": "#pragma unroll 4",
     },
     "metal": {
         "$TID": "thread_position_in_threadgroup.x",
@@ -29,6 +30,7 @@ _PRELUDE = {
         "$SHARED": "threadgroup",
         "$SPTR": "threadgroup",
         "$BARRIER": "threadgroup_barrier(mem_flags::mem_threadgroup)",
+        "$UNROLL4": "",
     },
 }
 
@@ -181,6 +183,7 @@ DECODE = """
   const int k0 = bit0 >> 5;
   const int o0 = bit0 & 31;
   if (lnum < NL) {
+    $UNROLL4
     for (int j = lnum; j < n_tok; j += NL) {
       const long off = vbase + (long)(t0 + j) * vp_strides[2] + k0;
       const unsigned int w0 = vp[off];
