@@ -252,6 +252,8 @@ class _Zeros(nn.Module):
         self._dims, self._dtype = dims, dtype
 
     def __call__(self, ids):
+        if self._dims is None:
+            raise ValueError("this shard has no embedding; it takes hidden states")
         return mx.zeros((*ids.shape, self._dims), self._dtype)
 
 
@@ -331,9 +333,8 @@ class _View:
             if attr in inner:
                 continue
             if attr in EMBEDDINGS:
-                if self.like is None:
-                    raise ValueError("this shard has no embedding; it takes hidden states")
-                setattr(inner, attr, _Zeros(self.like.shape[-1], self.like.dtype))
+                like = self.like
+                setattr(inner, attr, _Zeros(None if like is None else like.shape[-1], None if like is None else like.dtype))
             else:
                 setattr(inner, attr, _Identity())
             self.added.append(attr)
