@@ -17,7 +17,6 @@ codec's business (tests/test_turbo_cache.py), not the runner's. Two
 architectures also run through real node processes on loopback.
 """
 
-import importlib
 import math
 
 import mlx.core as mx
@@ -26,6 +25,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 from conftest import bundled_tokenizer
+from turbocluster.runtime.cache.config import CacheConfigError
 from turbocluster.runtime.cache.factory import make_caches
 from turbocluster.runtime.cache.turbo_cache import TurboQuantKVCache
 from turbocluster.runtime.model import loader
@@ -59,7 +59,7 @@ ARCHS = {
     "phi3": dict(BASE, model_type="phi3"),
     "mixtral": dict(BASE, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
     "deepseek_v3": dict(
-        BASE, model_type="deepseek_v3", kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        BASE, model_type="deepseek_v3", kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16,
         v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
         first_k_dense_replace=1, moe_layer_freq=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
     ),
@@ -81,8 +81,14 @@ ARCHS = {
     "internlm2": dict(BASE, model_type="internlm2"),
     "stablelm": dict(BASE, model_type="stablelm", use_qkv_bias=False, partial_rotary_factor=0.5, layer_norm_eps=1e-5),
     "minicpm": dict(BASE, model_type="minicpm", dim_model_base=32, scale_depth=1.4, scale_emb=4.0),
-    "exaone4": dict(
-        BASE, model_type="exaone4", rope_scaling=None, sliding_window=WINDOW, sliding_window_pattern="LLLG",
+    "phimoe": dict(BASE, model_type="phimoe", num_local_experts=4, num_experts_per_tok=2),
+    "lfm2": dict(
+        BASE, model_type="lfm2", norm_eps=1e-5, conv_bias=False, conv_L_cache=3, block_dim=64, block_ff_dim=128,
+        block_multiple_of=16, block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=False, full_attn_idxs=[1, 3],
+    ),
+    "mamba": dict(
+        model_type="mamba", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, state_size=16, num_hidden_layers=4,
+        conv_kernel=4, use_bias=False, use_conv_bias=True, time_step_rank=8, tie_word_embeddings=True,
     ),
     # hybrids and state-space models
     "qwen3_next": dict(
@@ -99,11 +105,6 @@ ARCHS = {
         state_size=16, num_hidden_layers=4, layer_norm_epsilon=1e-5, conv_kernel=4, n_groups=1, use_bias=False,
         use_conv_bias=True, tie_word_embeddings=True, time_step_limit=[0.0, math.inf], time_step_rank=8, chunk_size=8,
     ),
-    "nemotron_h": dict(
-        BASE, model_type="nemotron_h", hybrid_override_pattern="M*-M", attention_bias=False, mamba_num_heads=8,
-        mamba_head_dim=16, mamba_proj_bias=False, ssm_state_size=16, conv_kernel=4, n_groups=1, mlp_bias=False,
-        layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True, chunk_size=8,
-    ),
     "gemma3": dict(
         model_type="gemma3", vocab_size=VOCAB,
         text_config=dict(
@@ -111,6 +112,14 @@ ARCHS = {
             num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, sliding_window=WINDOW, sliding_window_pattern=3,
             max_position_embeddings=512, query_pre_attn_scalar=16,
         ),
+    ),
+}
+
+REFUSED = {
+    "nemotron_h": dict(
+        BASE, model_type="nemotron_h", hybrid_override_pattern="M*-M", attention_bias=False, mamba_num_heads=8,
+        mamba_head_dim=16, mamba_proj_bias=False, ssm_state_size=16, conv_kernel=4, n_groups=1, mlp_bias=False,
+        layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True, chunk_size=8,
     ),
 }
 
@@ -134,10 +143,12 @@ def build(kind, path):
     """Save a random-weight ``kind`` model (float32) with the bundled tokenizer as an mlx-lm directory."""
     from mlx_lm.utils import save_config, save_model
 
+    from mlx_lm.utils import _get_classes
+
     cfg = ARCHS[kind]
-    module = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
+    model_class, args_class = _get_classes(cfg)
     mx.random.seed(0)
-    model = module.Model(module.ModelArgs.from_dict(cfg))
+    model = model_class(args_class.from_dict(cfg))
     # random weights with a little spread so greedy tokens are not all one token
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
@@ -204,19 +215,53 @@ def test_shards_generate_what_mlx_lm_generates(kind, model_dir):
     stage.check_splittable(whole)
     n = stage.layer_range(whole)[2]
     ref = reference(whole, make_prompt_cache(whole))
-    ref_turbo = reference(whole, make_caches(whole, TURBO4))
-    assert len(set(ref)) > 1 or len(ref) == STEPS
+    packed = stage.packed_cache_refusal(whole) is None
+    ref_turbo = reference(whole, make_caches(whole, TURBO4)) if packed else None
     for k in (2, 3):
         parts = [loader.load(str(path), layers=r)[0] for r in splits(n, k)]
         ours, _ = pipeline(parts, None)
         assert ours == ref, f"{kind} fp16 over {splits(n, k)}: {ours} != mlx-lm {ref}"
+        if not packed:  # refused with the reason, never silently wrong
+            with pytest.raises(CacheConfigError, match=ARCHS[kind]["model_type"]):
+                make_caches(parts[-1], TURBO4)
+            continue
         ours, caches = pipeline(parts, TURBO4)
         assert ours == ref_turbo, f"{kind} turbo4 over {splits(n, k)}: {ours} != mlx-lm with the same caches {ref_turbo}"
-        if kind not in NO_TURBO_LAYERS:
-            assert any(isinstance(c, TurboQuantKVCache) for cs in caches for c in cs), f"{kind}: no layer got a TurboQuant cache"
+        flat = [x for cs in caches for c in cs for x in getattr(c, "caches", [c])]  # CacheList: hybrid layers
+        turbo = [c for c in flat if isinstance(c, TurboQuantKVCache)]
+        if kind in NO_TURBO_LAYERS:
+            assert not turbo
+        else:
+            assert turbo, f"{kind}: no layer got a TurboQuant cache"
 
 
 # Architectures none of whose layers gets a TurboQuant cache, and why.
 NO_TURBO_LAYERS = {
-    "mamba2": "every layer is an SSM layer (ArraysCache)",
+    "mamba": "every layer is an SSM layer (its state is not KV)",
+    "mamba2": "every layer is an SSM layer (its state is not KV)",
+    "gpt_oss": "its attention uses sinks, which the packed attention does not read: its KV layers stay fp16",
 }
+
+
+def test_matrix_covers_the_architectures_the_issue_names():
+    named = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "gemma3", "phi3",
+             "mixtral", "deepseek_v3", "olmo2", "granite", "cohere", "starcoder2", "gpt_oss", "qwen3_next"}
+    assert named <= set(ARCHS) and len(ARCHS) >= 20
+
+
+@pytest.mark.parametrize("kind", list(REFUSED))
+def test_unsplittable_architecture_is_refused_naming_it(kind, tmp_path):
+    cfg = REFUSED[kind]
+    with pytest.raises(stage.UnsplittableModel, match=kind) as e:
+        stage.check_splittable(cfg)
+    assert e.value.code == stage.REFUSED_CODE and e.value.model_type == kind
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(cfg)
+    with pytest.raises(stage.UnsplittableModel, match=kind):
+        stage.check_splittable(model_class(args_class.from_dict(cfg)))
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(stage.UnsplittableModel, match="no_such_arch"):
+        stage.check_splittable({"model_type": "no_such_arch", "num_layers": 4})

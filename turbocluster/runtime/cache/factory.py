@@ -12,10 +12,10 @@ the packed attention does not read (gpt-oss).
 import logging
 
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import CacheList, KVCache
 
 from ..model import shard
-from .config import CacheConfig
+from .config import CacheConfig, CacheConfigError
 from .turbo_cache import TurboQuantKVCache
 
 logger = logging.getLogger(__name__)
@@ -38,16 +38,34 @@ def make_caches(model, cache=None, max_context=None):
     held = full[start:end]
     if not config.turbo:
         return held
-    attn = [i for i, c in enumerate(full) if type(c) is KVCache]
+    refusal = shard.packed_cache_refusal(model)
+    if refusal:
+        raise CacheConfigError(refusal)
+    attn = [i for i, c in enumerate(full) if _plain(c)]
     n = config.fp16_layers
     keep = set(attn[:n]) | set(attn[len(attn) - n :] if n else [])
     layers = shard.held_layers(model)
     out = []
     for i, c, layer in zip(range(start, end), held, layers):
-        if type(c) is KVCache and i not in keep:
-            if _has_sinks(layer):
-                logger.debug("layer %d keeps an fp16 cache: its attention uses sinks", i)
-            else:
-                c = TurboQuantKVCache(config.k_bits, config.v_bits, config.quantized_start, key_mean=config.key_mean)
-        out.append(c)
+        if i in keep or not _plain(c):
+            out.append(c)
+        elif _has_sinks(layer):
+            logger.debug("layer %d keeps an fp16 cache: its attention uses sinks", i)
+            out.append(c)
+        else:
+            out.append(_packed(c, config))
     return out
+
+
+def _plain(c) -> bool:
+    """A plain KVCache, or a CacheList holding one (hybrid layers such as falcon_h1's)."""
+    return type(c) is KVCache or (type(c) is CacheList and any(type(x) is KVCache for x in c.caches))
+
+
+def _packed(c, config: CacheConfig):
+    def turbo(x):
+        if type(x) is not KVCache:
+            return x
+        return TurboQuantKVCache(config.k_bits, config.v_bits, config.quantized_start, key_mean=config.key_mean)
+
+    return CacheList(*(turbo(x) for x in c.caches)) if type(c) is CacheList else turbo(c)

@@ -120,7 +120,27 @@ REFUSED = {
     "gemma4": "every layer reads per-layer inputs computed from the token ids, and later layers reuse earlier layers' KV",
     "gemma4_text": "every layer reads per-layer inputs computed from the token ids, and later layers reuse earlier layers' KV",
     "hunyuan": "cross-layer attention: a layer reuses the KV of the layer before it, which may sit on another node",
+    "nemotron_h": "its caches are numbered per mixer (MLP layers take none), so a layer range does not name its caches",
 }
+
+# Architectures whose attention computes its scores from the cached keys itself
+# instead of calling mlx-lm's scaled_dot_product_attention, so it cannot read a
+# TurboQuant (packed) cache; they run with fp16 caches only.
+OWN_ATTENTION = {
+    "gemma2": "its attention soft-caps scores it computes itself from the cached keys",
+    "olmo": "its attention computes scores itself from the cached keys",
+    "stablelm": "its attention casts the cached keys to float32 itself",
+    "phi3small": "its block-sparse attention computes scores itself",
+    "deepseek_v3": "multi-head latent attention reads the cached latent keys itself",
+}
+
+
+def packed_cache_refusal(model: nn.Module) -> Optional[str]:
+    """None, or why this model's attention cannot read a TurboQuant cache."""
+    for kind in (model_type(model), model_type(text_model(model))):
+        if kind in OWN_ATTENTION:
+            return f"model type {kind!r} cannot use a TurboQuant cache: {OWN_ATTENTION[kind]}; use an fp16 cache"
+    return None
 REFUSED_CODE = "unsplittable-architecture"
 
 
@@ -152,6 +172,10 @@ def check_splittable(model_or_config) -> None:
             if k in REFUSED:
                 raise UnsplittableModel(f"model type {k!r} cannot be split across nodes: {REFUSED[k]}", k)
         parts(model_or_config)
+        total = layer_range(model_or_config)[2]
+        slots = len(make_full_cache(model_or_config))
+        if slots != total:
+            raise UnsplittableModel(f"model type {kind!r}: make_cache gives {slots} caches for {total} layers", kind)
         params = inspect.signature(type(model_or_config).__call__).parameters
         if "cache" not in params:
             raise UnsplittableModel(f"model type {kind!r}: its __call__ takes no cache, so it cannot run in steps", kind)
@@ -354,7 +378,8 @@ def make_full_cache(model: nn.Module) -> list:
         caches = make_prompt_cache(model)
     total = layer_range(model)[2]
     if len(caches) != total:
-        raise ValueError(f"{model_type(model)}: make_cache gave {len(caches)} caches for {total} layers")
+        kind = model_type(model)
+        raise UnsplittableModel(f"model type {kind!r}: make_cache gives {len(caches)} caches for {total} layers", kind)
     return caches
 
 
