@@ -353,7 +353,8 @@ class _View:
         text, inner, name = parts(self.model)
         self.inner, self.name, self.saved = inner, name, inner[name]
         self.added = []
-        for attr in _info(self.model).removed:
+        # what restrict (or the GGUF builder) removed; a stand-in for a name the model lacks is never called
+        for attr in EMBEDDINGS + FINAL_NORMS:
             if attr in inner:
                 continue
             if attr in EMBEDDINGS:
