@@ -81,6 +81,11 @@ def parts(model: nn.Module):
 
 
 def held_layers(model: nn.Module) -> list:
+    """The shard's own layers, also while a call has the global-length list in place (other threads ask)."""
+    info = getattr(model, "_shard_info", None)
+    held = getattr(info, "held", None)
+    if held is not None:
+        return held
     _, inner, name = parts(model)
     return inner[name]
 
@@ -246,6 +251,7 @@ class _Info:
         self.skeletons = skeletons  # {global index: Skeleton}
         self.removed = removed  # names removed from the inner model (embedding, final norm)
         self.ghosts = None  # {global index: ghost cache}, built on first use
+        self.held = None  # the held layers while a call has the global-length list in place
 
 
 def _info(model) -> _Info:
@@ -352,6 +358,10 @@ class _View:
     def __enter__(self):
         text, inner, name = parts(self.model)
         self.inner, self.name, self.saved = inner, name, inner[name]
+        self.info = _info(self.model)
+        self.outer = self.info.held is None
+        if self.outer:
+            self.info.held = self.saved
         self.added = []
         # what restrict (or the GGUF builder) removed; a stand-in for a name the model lacks is never called
         for attr in EMBEDDINGS + FINAL_NORMS:
@@ -368,6 +378,8 @@ class _View:
 
     def __exit__(self, *exc):
         self.inner[self.name] = self.saved
+        if self.outer:
+            self.info.held = None
         for attr in self.added:
             delattr(self.inner, attr)
         return False
