@@ -265,3 +265,45 @@ def test_unsplittable_architecture_is_refused_naming_it(kind, tmp_path):
 def test_unknown_architecture_is_refused():
     with pytest.raises(stage.UnsplittableModel, match="no_such_arch"):
         stage.check_splittable({"model_type": "no_such_arch", "num_layers": 4})
+
+
+# --------------------------------------------------------------------------- real nodes
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3_next"])
+def test_through_real_nodes_greedy_identical_to_mlx_lm(local_nodes, model_dir, kind):
+    from mlx_lm.utils import load_model
+
+    from turbocluster.runtime.cluster.cluster import Cluster
+
+    path = str(model_dir(kind))
+    whole, _ = load_model(model_dir(kind))
+    whole.set_dtype(mx.float32)
+    for cache, ref in ((None, reference(whole, make_prompt_cache(whole))), (TURBO4, reference(whole, make_caches(whole, TURBO4)))):
+        for k in (2, 3):
+            with Cluster.connect(path, nodes=[n.address for n in local_nodes[:k]]) as cluster:
+                cluster.load(cluster.plan(context=64, cache=cache))
+                ours = list(cluster.generate_tokens(PROMPT, max_tokens=STEPS, cache=cache, stop_at_eos=False))
+            assert ours == ref, f"{kind} {cache or 'fp16'} over {k} nodes"
+
+
+def test_plan_refuses_an_unsplittable_architecture_before_any_node_loads(local_nodes, tmp_path):
+    from mlx_lm.utils import _get_classes, save_config, save_model
+
+    from turbocluster.runtime.cluster.cluster import Cluster
+    from turbocluster.runtime.transport.errors import ClusterError
+
+    cfg = REFUSED["nemotron_h"]
+    model_class, args_class = _get_classes(cfg)
+    model = model_class(args_class.from_dict(cfg))
+    mx.eval(model.parameters())
+    save_model(tmp_path, model)
+    save_config({**cfg, "num_hidden_layers": 4}, tmp_path / "config.json")
+    _tokenizer()._tokenizer.save_pretrained(str(tmp_path))
+    with Cluster.connect(str(tmp_path), nodes=[local_nodes[0].address]) as cluster:
+        before = cluster.clients[0].info()
+        with pytest.raises(ClusterError, match="nemotron_h") as e:
+            cluster.plan(context=64)
+        assert e.value.code.name == "UNIMPLEMENTED" and e.value.impossible
+        after = cluster.clients[0].info()
+    assert (after.model_identity, after.load_state) == (before.model_identity, before.load_state)
