@@ -242,6 +242,12 @@ class Cluster:
 
     def plan(self, context: int = 4096, cache=None) -> Plan:
         """A plan over the connected nodes in the order given, by their free memory."""
+        from ..model import shard
+
+        try:  # refuse an architecture the shard runner cannot split before any node loads
+            shard.check_splittable(self.desc)
+        except shard.UnsplittableModel as e:
+            raise ClusterError(str(e), grpc.StatusCode.UNIMPLEMENTED, impossible=True) from None
         return plan_over(self.clients, self.desc, self.model, context, cache)
 
     def load(self, plan: Plan, progress=None) -> Plan:
