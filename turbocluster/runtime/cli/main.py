@@ -202,7 +202,12 @@ def cluster_main(argv=None):
     rs.add_argument("path", help="snapshot file written by `turbo-cluster snapshot`")
     rs.add_argument("--session-id", default=None, help="id to restore it under (default: the snapshot's)")
 
+    from . import serving  # serve, chat, status, drop, resume (docs/serving.md)
+
+    serving.add_commands(sub, sys.modules[__name__])
     args = parser.parse_args(argv)
+    if getattr(args, "run", None):
+        return args.run(args)
     if args.command == "nodes":
         return _nodes(args)
     from ..transport.errors import ClusterError

@@ -88,11 +88,10 @@ def make_app(engine: Engine, scheduler: Scheduler, api_key: Optional[str] = None
     return app
 
 
-def status(engine: Engine, scheduler: Scheduler) -> dict:
-    """Nodes (address, backend, memory, layers, sessions, KV bytes), sessions with placement, load."""
-    c = engine.cluster
+def node_rows(cluster) -> list:
+    """Each node: address, backend, memory used/free, layers, sessions and their KV bytes."""
     nodes = []
-    for client in c.clients:
+    for client in cluster.clients:
         row = {"address": client.address}
         try:
             info = client.info(timeout=5.0)
@@ -108,13 +107,20 @@ def status(engine: Engine, scheduler: Scheduler) -> dict:
             sessions=len(held), kv_bytes=sum(x.kv_bytes_used for x in held),
         )
         nodes.append(row)
+    return nodes
+
+
+def status(engine: Engine, scheduler: Scheduler) -> dict:
+    """Nodes, sessions with their placement and whether this server keeps them, load."""
+    c = engine.cluster
+    nodes = node_rows(c)
     kept = {r["session_id"]: r for r in engine.rows()}
     sessions = []
     try:
         for r in c.sessions():
             r.update(kept.get(r["session_id"], {"kept": False}))
             sessions.append(r)
-    except Exception as e:  # noqa: BLE001 - a node went away mid-listing: show what the nodes row says
+    except Exception as e:  # noqa: BLE001 - a node went away mid-listing: the nodes rows say which
         log.warning("listing sessions failed: %s", e)
     plan = c.plan_
     return {

@@ -249,7 +249,7 @@ class Engine:
         """Kept sessions as plain dicts (for /v1/sessions and the dashboard)."""
         now = time.monotonic()
         with self._lock:
-            return [{"session_id": k.session_id, "tokens": len(k.fed), "generated": k.generated, "busy": k.busy,
+            return [{"session_id": k.session_id, "kept": True, "tokens": len(k.fed), "generated": k.generated, "busy": k.busy,
                      "idle_s": round(now - k.last_used, 1), "max_context": k.max_context}
                     for k in self.kept.values()]
 

@@ -24,7 +24,7 @@ class QueueFull(Exception):
     """The queue holds ``limit`` requests already; try again later."""
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the scheduler keeps a set of running jobs
 class Job:
     """One request: its prompt ids, its limits, and where its pieces go (``emit(kind, value)``)."""
 
