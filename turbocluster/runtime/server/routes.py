@@ -15,7 +15,7 @@ from typing import List, Optional, Union
 import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..transport.errors import ClusterError
 from .engine import Sampling
@@ -125,7 +125,10 @@ async def resume(session_id: str, request: Request):
         raw = await request.json()
     except ValueError:
         raw = {}
-    body = CompletionRequest(prompt="", **{k: v for k, v in (raw or {}).items() if k != "prompt"})
+    try:
+        body = CompletionRequest(prompt="", **{k: v for k, v in (raw if isinstance(raw, dict) else {}).items() if k != "prompt"})
+    except ValidationError as e:
+        return error(400, str(e).splitlines()[0])
     return await _serve(request, [], body, chat=False, resume=session_id)
 
 
