@@ -156,3 +156,24 @@ def test_metrics_count_tokens(server, client):
         text = r.read().decode()
     generated = float(re.search(r"^turbo_server_generated_tokens_total (\S+)", text, re.M).group(1))
     assert generated >= 3 and "turbo_server_hop_milliseconds_count" in text
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = "import sys; from turbocluster.runtime.cli.main import cluster_main; sys.exit(cluster_main())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_status_resume_and_drop(server, client):
+    url, _ = server
+    r = client.completions.create(model="any", prompt="Once upon a time", max_tokens=3, temperature=0)
+    sid = r.model_extra["session_id"]
+    st = _cli("status", "--server", url, "--api-key", KEY, "--json")
+    assert st.returncode == 0, st.stderr
+    got = json.loads(st.stdout)
+    assert len(got["nodes"]) == 2 and sid in [s["session_id"] for s in got["sessions"]]
+    more = _cli("resume", sid, "--server", url, "--api-key", KEY, "--max-tokens", "3")
+    assert more.returncode == 0 and more.stdout.strip(), more.stderr
+    assert _cli("drop", sid, "--server", url, "--api-key", KEY).returncode == 0
+    again = _cli("drop", sid, "--server", url, "--api-key", KEY)
+    assert again.returncode == 1 and "HTTP 404" in again.stderr and "Traceback" not in again.stderr
