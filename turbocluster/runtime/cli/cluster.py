@@ -98,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--session-id", default=None, help="id to restore it under (default: the snapshot's)")
     for add, _ in COMMANDS.values():
         add(sub)
+    from . import serving
+
+    serving.add_commands(sub, sys.modules[__name__])
     return p
 
 
@@ -323,7 +326,7 @@ def cluster_main(argv=None) -> int:
 
     args = parser().parse_args(argv)
     output.setup_logging(getattr(args, "verbose", False))
-    run = COMMANDS[args.command][1] if args.command in COMMANDS else RUN[args.command]
+    run = getattr(args, "run", None) or (COMMANDS[args.command][1] if args.command in COMMANDS else RUN[args.command])
     try:
         return run(args)
     except (UsageError, Failure, ClusterError, PlanError, DiscoveryError, SessionFormatError) as e:
