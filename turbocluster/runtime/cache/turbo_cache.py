@@ -36,7 +36,7 @@ from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
 from ...kernels import turboquant as tq
 from . import attention
-from .attention import PackedKV
+from ...kernels.packed import PackedKV
 
 # --- codebooks (the format's own is turboquant.centroids; others are for experiments) --
 
