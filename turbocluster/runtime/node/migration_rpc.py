@@ -15,13 +15,14 @@ import grpc
 
 from ...kernels.format import FORMAT_VERSION
 from ...proto import turbo_pb2 as pb
+from ..cache import kinds
 from ..model import shard as stage
 from ..sessions import container as session_io
 from ..sessions.calls import send
 from ..sessions.container import SessionFormatError
 from ..sessions.store import SessionError
 from ..transport.errors import REASON_MOVE_WHOLE
-from ..sessions.transfer import TURBO_CLASS, append, chunks, export_session, import_session, receive, status_of
+from ..sessions.transfer import append, chunks, export_session, import_session, receive, status_of
 
 
 def _refuse(error):
@@ -196,11 +197,11 @@ def _check_precopy(node, request):
     session = node.sessions.get(request.session_id)
     a, b = (request.layer_start, request.layer_end) if request.layer_end else held
     for c in session.caches[a - held[0] : b - held[0]]:
-        name = type(c).__name__
-        if not (name == "KVCache" or name == TURBO_CLASS and (c.compressed or c.offset == 0 and not c.quantized_start)):
+        kind = kinds.kind_of(c)
+        if not (kind == kinds.KV or kind == kinds.TURBO and (c.compressed or c.offset == 0 and not c.quantized_start)):
             raise SessionError(
                 "FAILED_PRECONDITION",
-                f"a {name} {'in its fp16 phase ' if name == TURBO_CLASS else ''}cannot be pre-copied; move it whole",
+                f"a {kind or type(c).__name__} {'in its fp16 phase ' if kind == kinds.TURBO else ''}cannot be pre-copied; move it whole",
                 REASON_MOVE_WHOLE,
             )
 
