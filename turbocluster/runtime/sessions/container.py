@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import math
 import os
+import stat
 import tempfile
 
 import mlx.core as mx
@@ -471,10 +472,18 @@ def save_snapshot(path, caches, meta):
 
 
 def load_snapshot(path, expect=None, max_bytes=MAX_SESSION_BYTES):
-    """``(caches, meta)`` from a snapshot written by ``save_snapshot``."""
-    size = os.path.getsize(path)
-    if size > max_bytes:
-        raise SessionFormatError("container", f"snapshot {path} is {size} bytes, over the {max_bytes}-byte cap")
+    """``(caches, meta)`` from a snapshot written by ``save_snapshot``.
+
+    The size is checked before anything is read, and the read itself is capped:
+    a device or pipe (``/dev/zero``) is refused, never read until memory runs out.
+    """
     with open(path, "rb") as f:
-        data = f.read()
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise SessionFormatError("container", f"snapshot {path} is not a regular file", code="TOO_LARGE")
+        if st.st_size > max_bytes:
+            raise SessionFormatError("container", f"snapshot {path} is {st.st_size} bytes, over the {max_bytes}-byte cap", code="TOO_LARGE")
+        data = f.read(st.st_size + 1)
+    if len(data) > st.st_size:
+        raise SessionFormatError("container", f"snapshot {path} grew while it was read", code="TOO_LARGE")
     return unpack_session(data, expect)

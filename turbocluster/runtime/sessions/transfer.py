@@ -176,10 +176,20 @@ def receive(chunks, total_bytes, max_bytes=session_io.MAX_SESSION_BYTES):
     """
     if type(total_bytes) is not int or not session_io.HEADER_BYTES <= total_bytes <= max_bytes:
         raise SessionFormatError("total_bytes", f"expected {session_io.HEADER_BYTES}..{max_bytes}, found {total_bytes!r}")
-    try:
-        return wire.join_chunks(chunks, total_bytes, max_bytes=total_bytes)
-    except wire.WireError as e:
-        raise SessionFormatError("stream", str(e)) from e
+    buf = bytearray(total_bytes)  # the declared size, already checked against the node's budget by the caller
+    view, size = memoryview(buf), 0
+    for expected_index, (index, piece, crc) in enumerate(chunks):
+        if index != expected_index:
+            raise SessionFormatError("stream", f"chunk {index} arrived where chunk {expected_index} was expected")
+        if size + len(piece) > total_bytes:  # counted as it arrives: a body larger than announced stops here
+            raise SessionFormatError("stream", f"the stream passes its announced {total_bytes} bytes at chunk {index}", code="TOO_LARGE")
+        if wire.checksum(piece) != crc:
+            raise SessionFormatError("stream", f"chunk {index} failed its checksum")
+        view[size : size + len(piece)] = piece
+        size += len(piece)
+    if size != total_bytes:
+        raise SessionFormatError("stream", f"stream announced {total_bytes} bytes, got {size}")
+    return buf
 
 
 def _check_extras(meta, max_context_limit):

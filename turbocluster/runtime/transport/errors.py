@@ -43,6 +43,7 @@ def status_name(e: BaseException) -> str:
 REASON_KEY = "turbo-reason"
 REASON_HANDSHAKE = "handshake"  # no valid handshake for this node's current model: handshake again
 REASON_MOVE_WHOLE = "move-whole"  # these caches cannot be pre-copied: move them whole, inside the pause
+REASON_TOO_LARGE = "too-large"  # an inbound container, stream or staged copy would pass the node's memory budget
 
 
 def abort(context, code: grpc.StatusCode, message: str, reason: Optional[str] = None):
