@@ -11,6 +11,7 @@ file is refused without reading it.
 import os
 
 import grpc
+import mlx.core as mx
 import pytest
 
 from turbocluster.kernels.format import FORMAT_VERSION
@@ -112,3 +113,35 @@ def test_restore_of_a_device_is_refused_without_reading(tmp_path):
     with pytest.raises(session_io.SessionFormatError) as e:
         session_io.load_snapshot(big, max_bytes=1 << 20)
     assert e.value.code == "TOO_LARGE"
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    from conftest import build_tiny
+
+    model = build_tiny("qwen3")
+    model.set_dtype(mx.float32)  # what a CPU node runs
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("setting,fill", [
+    ({"k_bits": 4, "v_bits": 4, "fp16_layers": 1}, 300),
+    ({"k_bits": 3, "v_bits": 3, "quantized_start": 200}, 200),  # still in its float phase: float32 buffers
+    ({}, 300),
+])
+def test_the_reservation_covers_what_a_session_fills(float_model, setting, fill):
+    """kv_bytes at float32 activations bounds the bytes real caches hold once filled to max_context."""
+    from conftest import TINY
+
+    from turbocluster.runtime.cache.config import kv_bytes
+    from turbocluster.runtime.cache.factory import make_caches
+
+    model, cfg = float_model, TINY["qwen3"]
+    caches = make_caches(model, setting)
+    mx.eval(model.model(mx.array([list(range(1, fill + 1))]), cache=caches))  # the layers only: no head needed
+    filled = sum(c.nbytes for c in caches)
+    n = cfg["num_hidden_layers"]
+    reserved = kv_bytes(n, cfg["num_key_value_heads"], cfg["head_dim"], fill, setting, itemsize=4, layers=(0, n), total_layers=n)
+    assert filled <= reserved, f"{setting}: filled {filled} bytes, reserved {reserved}"
+    assert reserved <= 2 * filled  # and not wildly over
