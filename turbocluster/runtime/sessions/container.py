@@ -39,6 +39,7 @@ MAX_DEPTH = 3  # state -> (keys, scales, biases) -> array: no cache nests deeper
 MAX_TOKEN_ID = 1 << 32
 
 TURBO_CLASS = kinds.TURBO  # kept for callers that name the kind
+TURBO_MODULE = turbo.__name__  # kept for callers that import it
 ALLOWED_CLASSES = kinds.KINDS  # the registry's kind codes (``cache.kinds``)
 
 # Field kinds of each mlx-lm cache's ``state``, in order. ``kv`` is a float
