@@ -103,6 +103,42 @@ def test_a_body_longer_than_declared_is_refused_mid_stream(node):
     assert {s.session_id for s in client.sessions()} & {"liar", "big"} == set()
 
 
+def _stream(client, session_id, declared, n, sent):
+    """A ForwardStream of ``n`` 1 MiB chunks declaring ``declared`` bytes, counting what left the client."""
+    header = pb.ForwardRequest(session_id=session_id, want=pb.HIDDEN)
+    header.hidden.CopyFrom(pb.Tensor(dtype=pb.FLOAT32, shape=[1, 1, 64]))
+
+    def messages():
+        yield pb.ForwardChunk(header=header, payload_bytes=declared)
+        for i, piece, crc in _junk_chunks(n, sent):
+            yield pb.ForwardChunk(chunk=pb.Chunk(index=i, data=piece, crc32=crc))
+
+    return client.stub.ForwardStream(messages(), metadata=client.metadata, timeout=60)
+
+
+@pytest.mark.parametrize("case", ["no-such-session", "declared-oversize", "lying-body"])
+def test_a_hidden_state_stream_is_bounded_before_it_is_buffered(node, case):
+    """A stream for no session is refused at its first message; one declaring more than the budget,
+    or sending more than it declared, is refused with RESOURCE_EXHAUSTED before the node buffers it."""
+    local, client, desc = node
+    sid = f"stream-{os.urandom(4).hex()}"
+    if case != "no-such-session":
+        client.create_session(sid, 16)
+    declared = {"no-such-session": 2 << 20, "declared-oversize": 1 << 30, "lying-body": 2 << 20}[case]
+    before, sent = _rss(local.proc.pid), []
+    err = _refused(lambda: _stream(client, sid, declared, 512, sent))
+    if case == "no-such-session":
+        assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
+    else:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert reason_of(err) == REASON_TOO_LARGE
+    assert len(sent) < 64, f"the client sent {len(sent)} MiB of a 512 MiB stream before the node refused it"
+    assert _rss(local.proc.pid) - before < MARGIN
+    if case != "no-such-session":
+        client.drop(sid)
+    assert _still_serves(client, desc) is not None
+
+
 def test_restore_of_a_device_is_refused_without_reading(tmp_path):
     with pytest.raises(session_io.SessionFormatError) as e:
         session_io.load_snapshot("/dev/zero")

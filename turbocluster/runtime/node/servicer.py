@@ -37,7 +37,7 @@ from ..model.loader import weights_bytes
 from ..model import shard as stage
 from ..transport import errors, wire
 from ..transport.client import MD_COMPAT, MD_PROTOCOL, MD_TOKEN, NodeClient
-from ..sessions.store import Session, SessionStore
+from ..sessions.store import Session, SessionStore, counted
 from .gate import Refused, rpc as _rpc, rpc_stream as _rpc_stream
 
 SERVICE = "turbocluster.v1.Node"
@@ -379,14 +379,13 @@ class NodeServicer(pb_grpc.NodeServicer):
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "ForwardStream must start with a header message")
-        total = first.payload_bytes
-        if total > wire.MAX_TENSOR_BYTES:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"payload of {total} bytes is over the {wire.MAX_TENSOR_BYTES}-byte cap")
+        total = first.payload_bytes  # hook (h/cache): a missing session or an oversize declaration is refused here, unbuffered
+        self.sessions.admit_stream(first.header.session_id, total, wire.MAX_TENSOR_BYTES)
 
         def chunks():
             if first.HasField("chunk"):
                 yield first.chunk
-            for m in request_iterator:
+            for m in counted(request_iterator, total - len(first.chunk.data)):  # hook (h/cache): count while reading
                 if not m.HasField("chunk"):
                     raise wire.WireError("every ForwardStream message after the header must carry a chunk")
                 yield m.chunk

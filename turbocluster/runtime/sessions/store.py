@@ -51,6 +51,17 @@ class Session:
         return sum(c.nbytes for c in self.caches)
 
 
+def counted(messages, budget, size=lambda m: len(m.chunk.data)):
+    """``messages`` as they arrive, refusing (RESOURCE_EXHAUSTED, REASON_TOO_LARGE) the one whose
+    bytes pass ``budget``, before it is kept: a body that lies about its size stops there."""
+    seen = 0
+    for m in messages:
+        seen += size(m)
+        if seen > budget:
+            raise SessionError("RESOURCE_EXHAUSTED", f"the stream passes its declared size by {seen - budget} bytes", REASON_TOO_LARGE)
+        yield m
+
+
 class SessionStore:
     """Sessions by id, with the KV memory they reserve counted against a budget."""
 
@@ -95,6 +106,19 @@ class SessionStore:
         finally:
             with self._lock:
                 self._inbound -= need
+
+    def admit_stream(self, session_id, declared, cap):
+        """Refuse a tensor stream at its first message: NOT_FOUND for a session this store does not
+        hold, RESOURCE_EXHAUSTED (REASON_TOO_LARGE) when its declared size passes ``cap`` or the free budget."""
+        self.get(session_id)
+        free = self.inbound_free()
+        if not 0 <= declared <= min(cap, free):
+            raise SessionError(
+                "RESOURCE_EXHAUSTED",
+                f"a stream declaring {declared} bytes is over the {cap}-byte cap for one step or the "
+                f"{max(free, 0)} free bytes of the KV budget",
+                REASON_TOO_LARGE,
+            )
 
     def add(self, session):
         """Insert ``session`` if its id is free and its reservation fits the budget."""
