@@ -181,3 +181,25 @@ def test_the_reservation_covers_what_a_session_fills(float_model, setting, fill)
     reserved = kv_bytes(n, cfg["num_key_value_heads"], cfg["head_dim"], fill, setting, itemsize=4, layers=(0, n), total_layers=n)
     assert filled <= reserved, f"{setting}: filled {filled} bytes, reserved {reserved}"
     assert reserved <= 2 * filled  # and not wildly over
+
+
+def test_the_plan_reserves_what_the_nodes_reserve():
+    """plan.kv_bytes counts fp16_layers against the whole model and the activations' itemsize (4 on CPU)."""
+    from turbocluster.runtime.cache.config import kv_bytes
+    from turbocluster.runtime.cluster.plan import NodeSpec, make_plan
+    from turbocluster.runtime.model.loader import use_float32
+
+    n, heads, dim, ctx = 30, 3, 64, 1000
+    desc = {"name": "toy", "identity": "ab" * 32, "num_layers": n, "num_kv_heads": heads, "head_dim": dim,
+            "layer_bytes": [1 << 20] * n, "embed_bytes": 1 << 20, "head_bytes": 1 << 20}
+    item = 4 if use_float32() else 2
+    specs = [NodeSpec(f"n{i}", f"10.0.0.{i}:7070", 1 << 32) for i in range(3)]
+    setting = {"k_bits": 4, "v_bits": 4, "fp16_layers": 2, "quantized_start": 100}
+    plan = make_plan(specs, desc, context=ctx, cache=setting)
+    float_layer = kv_bytes(1, heads, dim, ctx, {}, item)
+    quant_layer = kv_bytes(1, heads, dim, ctx, setting, item, (5, 6), n)
+    assert float_layer == heads * 1024 * 2 * dim * item
+    first, middle, last = (a.kv_bytes for a in plan.assignments)
+    assert first == last == 2 * float_layer + 8 * quant_layer  # layers 0, 1 and 28, 29 stay float
+    assert middle == 10 * quant_layer  # none of layers 10..19 is one of the model's fp16_layers
+    assert quant_layer > heads * (256 + 1024 // 2) * 2  # the quantized_start float buffers are counted too

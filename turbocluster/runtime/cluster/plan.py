@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ..cache.config import kv_bytes  # noqa: F401  (re-exported: the plan's size arithmetic)
-from ..model.loader import weights_bytes  # noqa: F401
+from ..model.loader import use_float32, weights_bytes  # noqa: F401
 
 
 class PlanError(ValueError):
@@ -140,7 +140,7 @@ def make_plan(nodes, desc, context=4096, cache=None, model=""):
     for spec, count in zip(nodes, counts):
         start, end = at, at + count
         w = weights_bytes(desc, start, end)
-        kv = kv_bytes(count, desc["num_kv_heads"], desc["head_dim"], context, cache)
+        kv = kv_bytes(count, desc["num_kv_heads"], desc["head_dim"], context, cache, 4 if use_float32() else 2, (start, end), n)  # hook (h/cache): what the node reserves
         plan.assignments.append(Assignment(spec.name, spec.address, start, end, w, kv, spec.free_bytes))
         if w + kv > spec.free_bytes:
             short.append(
