@@ -139,6 +139,47 @@ def test_a_hidden_state_stream_is_bounded_before_it_is_buffered(node, case):
     assert _still_serves(client, desc) is not None
 
 
+def test_staged_copies_count_against_the_budget(node):
+    """A staged (pre-copied) session holds memory like a live one: with a session and one staged
+    copy on the node, a second copy that would fit beside the session alone is refused."""
+    local, client, desc = node
+    info = client.info()
+    free = info.memory_budget_bytes - info.memory_used_bytes
+    per_pos = 2 * desc["num_kv_heads"] * desc["head_dim"] * 4 * desc["num_layers"]  # float32 K and V on CPU
+    # the longest session whose container (3x while parsed) still fits beside its own reservation
+    n = max(k for k in range(16, free // per_pos) if session_io_inbound(k * per_pos + (64 << 10)) <= free - -(-k // 256) * 256 * per_pos)
+    client.create_session("src", n)
+    try:
+        for at in range(0, n, 1024):
+            client.forward("src", tokens=[1 + (at + i) % 1000 for i in range(min(1024, n - at))], want=pb.HIDDEN)
+        header, data = calls.fetch(client, "src")
+        reserved = client.info().memory_used_bytes - info.memory_used_bytes
+        need = session_io_inbound(len(data))
+        assert need <= free - reserved < need + len(data), "a copy fits beside the session alone, not beside a copy too"
+        staged = pb.SessionHeader()
+        staged.CopyFrom(header)
+        staged.session_id, staged.stage = "copy-1", True
+        calls.send(client, staged, data)
+        staged.session_id = "copy-2"
+        err = _refused(lambda: calls.send(client, staged, data))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert reason_of(err) == REASON_TOO_LARGE
+    finally:
+        client.drop("src")
+    installed = pb.SessionHeader()
+    installed.CopyFrom(header)
+    installed.session_id = "copy-1"  # a whole copy under the staged id replaces it: live, so it can be dropped
+    calls.send(client, installed, data)
+    client.drop("copy-1")
+    assert _still_serves(client, desc) is not None
+
+
+def session_io_inbound(nbytes):
+    from turbocluster.runtime.sessions.store import INBOUND_FACTOR
+
+    return INBOUND_FACTOR * nbytes
+
+
 def test_restore_of_a_device_is_refused_without_reading(tmp_path):
     with pytest.raises(session_io.SessionFormatError) as e:
         session_io.load_snapshot("/dev/zero")
