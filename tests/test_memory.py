@@ -28,12 +28,13 @@ BUDGET = 160 << 20  # weights of the tiny qwen3 (~60 MiB) plus ~100 MiB of KV
 MARGIN = 48 << 20  # what a refused import may add to the node's RSS
 
 
-def _rss(pid):
+def _rss(pid, field="VmRSS"):
+    """Resident bytes of ``pid`` now (``VmHWM``: the peak so far)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) << 10
-    pytest.skip("no VmRSS in /proc (not Linux)")
+    pytest.skip(f"no {field} in /proc (not Linux)")
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,14 @@ def node(tiny_model_dirs):
     [local] = start_local_nodes(1, memory_budget=BUDGET)
     client = NodeClient(local.address, desc["identity"], will_load=True)
     try:
+        empty = _rss(local.proc.pid)  # the process before any weights or KV
         client.load(path, 0, desc["num_layers"])
+        loaded = _rss(local.proc.pid, "VmHWM")  # loading's own peak: file dtype and float32 copies at once
         yield local, client, desc
+        peak = _rss(local.proc.pid, "VmHWM")
+        print(f"node RSS: empty {empty >> 20} MiB, peak after load {loaded >> 20} MiB, peak after the module {peak >> 20} MiB")
+        # every import and stream above, refused or not, kept the node within its budget + a fixed margin
+        assert peak - empty <= max(loaded - empty, BUDGET) + MARGIN, f"node peak RSS {(peak - empty) >> 20} MiB over its empty process"
     finally:
         client.close()
         stop_local_nodes([local])
