@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 MAX_STEP_TOKENS = 8192  # positions in one Forward
 MAX_LOCK_TTL = 3600.0
 MAX_HOLDER = 256
+# a later stage refused the step for one of these: it was applied nowhere else, so it is undone here
+_UNDO = (errors.REASON_POSITION, errors.REASON_LOCKED, errors.REASON_NON_FINITE)
 _OUTPUTS = (pb.OUTPUT_UNSPECIFIED, pb.NONE, pb.HIDDEN, pb.LOGITS, pb.TOKEN)
 # per dtype: the unsigned view of an element and its exponent mask (all ones = Inf or NaN)
 _EXPONENT = {pb.FLOAT32: (np.uint32, 0x7F800000), pb.FLOAT16: (np.uint16, 0x7C00), pb.BFLOAT16: (np.uint16, 0x7F80)}
@@ -207,7 +209,12 @@ def execute(node, request, data, context) -> pb.ForwardReply:
             if record is not None:
                 record.pending = out
                 session.last_step = record
-            reply = _send_on(node, session, request, out, ids, want, context)
+            try:
+                reply = _send_on(node, session, request, out, ids, want, context)
+            except SessionError as e:
+                if e.reason in _UNDO:  # the step cannot run downstream as sent: undo it here too
+                    _undo(node, session, before, ids)
+                raise
         else:
             reply = _local_reply(session, want, out)
         if record is not None:
@@ -217,6 +224,20 @@ def execute(node, request, data, context) -> pb.ForwardReply:
         node_id=node.node_id, compute_ms=(t1 - t0) * 1e3, total_ms=(time.perf_counter() - t0) * 1e3, bytes_in=nbytes,
     ))
     return reply
+
+
+def _undo(node, session, before: int, ids) -> None:
+    """Trim this node's caches back to ``before`` (a later stage refused the step), where they can be."""
+    n = session.offset - before
+    if n <= 0:
+        return
+    if not all(c.is_trimmable() for c in session.caches):
+        logger.warning("session %s: a later stage refused the step and these caches cannot be trimmed", session.session_id)
+        return
+    node.host.run(lambda: [c.trim(n) for c in session.caches])
+    session.last_step = None
+    if ids and sampling.history_size(session.sampling):
+        session.history = session.history[: max(0, len(session.history) - len(ids))]
 
 
 def _replay(node, session, request, record, want, context, t0, nbytes):
