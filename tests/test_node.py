@@ -208,3 +208,21 @@ def test_bad_sampling_and_lock_arguments_are_refused(pipeline):
     assert refused(lambda: b.lock_session("ok", "m", 0))[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert refused(lambda: b.lock_session("missing", "m", 5))[0] == grpc.StatusCode.NOT_FOUND
     b.drop("ok")
+
+
+def test_sampler_settings_and_random_state_move_with_a_session(pipeline):
+    """A copy pushed node to node samples what the original samples: top_k, min_p and the key travel."""
+    a, b, _ = pipeline
+    open_session(a, b, "src", temperature=1.5, top_k=3, min_p=0.1, seed=99)
+    a.forward("src", PROMPT, want=pb.NONE)
+    calls.push(b, "src", (0, 0), b.address, "", target_session_id="copy")
+    calls.push(a, "src", (0, 0), a.address, b.address, target_session_id="copy")
+    tokens = {"src": [], "copy": []}
+    fed = 7
+    for _ in range(10):
+        for sid in tokens:
+            tokens[sid].append(a.forward(sid, [fed]).token)
+        fed = tokens["src"][-1]
+    assert tokens["src"] == tokens["copy"] and len(set(tokens["src"])) > 1
+    drop(a, b, "src")
+    drop(a, b, "copy")
