@@ -8,7 +8,6 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from mlx.utils import tree_flatten
 
 from ...kernels.format import FORMAT_VERSION
 from ...proto import turbo_pb2 as pb
@@ -70,15 +69,7 @@ def serve(
         print(f"warning: fault injection is on: {faults}", file=sys.stderr, flush=True)
     servicer = NodeServicer(name=name, memory_budget=memory_budget, secret=secret, session_ttl=session_ttl, tls=tls)
     if layers is not None:
-        from ..model import loader
-
-        desc = loader.describe(model)
-        m = servicer.run_on_model_thread(servicer._load, loader, model, *layers)
-        servicer.model, servicer.desc = m, desc
-        servicer.weights_bytes = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
-        servicer.compat = wire.compat_hash(desc["identity"])
-        servicer.sessions.budget_bytes = servicer.memory_budget - servicer.weights_bytes
-        servicer._progress(pb.READY, 1.0, f"layers {layers[0]}:{layers[1]} of {desc['name']} ready")
+        servicer.host.load(model, *layers)
     server, bound = make_server(servicer, host, port, faults=faults)
     mode = ("authenticated" if secret else "no auth") + (", TLS" if tls else "")
     print(f"turbo-node {servicer.name} ({servicer.node_id}) serving on {host}:{bound} ({mode})", flush=True)
