@@ -51,9 +51,16 @@ def node_main(argv=None):
     _tls_args(serve, server=True)
     serve.add_argument("--session-ttl", type=float, default=1800.0, metavar="SECONDS",
                        help="free a session idle for this long (default 1800; 0 = never)")
+    serve.add_argument("--models-dir", default=None, help="LoadLayers may open only models under this folder "
+                       "(symlinks resolved; hub ids refused)")
     serve.add_argument("--faults", default=None, help="inject faults for testing, e.g. drop:7,delay:5:0.2,corrupt:11 "
                        "(also $TURBO_FAULTS; see turbocluster/runtime/faults.py)")
+    from . import secret as secret_cli
+
+    secret_cli.add_command(sub)
     args = parser.parse_args(argv)
+    if args.command == "secret":
+        return secret_cli.run(args)
     from ..transport import faults
     from ..node.server import serve as run
 
@@ -65,7 +72,7 @@ def node_main(argv=None):
     except ValueError as e:
         raise SystemExit(f"turbo-node: {e}")
     run(args.host, args.port, args.model, args.layers, args.memory_budget, args.name, not args.no_advertise, secret,
-        session_ttl=args.session_ttl, tls=_tls(args, server=True), faults=injected)
+        session_ttl=args.session_ttl, tls=_tls(args, server=True), faults=injected, models_dir=args.models_dir)
     return 0
 
 
@@ -99,12 +106,13 @@ def _secret_arg(p):
 
 
 def _secret(args):
-    """The cluster secret from $TURBO_CLUSTER_SECRET or --secret-file, else None (no auth)."""
+    """The cluster secret from --secret-file, $TURBO_CLUSTER_SECRET, $TURBO_SECRET_FILE or the default file, else None."""
     from ..transport import auth
 
-    if args.secret_file or os.environ.get(auth.ENV_SECRET):
-        return auth.load_or_create_secret(args.secret_file)
-    return None
+    try:
+        return auth.find_secret(args.secret_file)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"turbo-cluster: {e}") from None
 
 
 def _connect_args(p):
