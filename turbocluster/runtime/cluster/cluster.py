@@ -32,7 +32,7 @@ from ..transport import discovery
 from . import failover
 from ..transport.errors import ClusterError
 from . import migration
-from ..transport.client import NodeClient
+from ..transport.client import NodeClient, NodeNotAuthenticated
 from .plan import NodeSpec, make_plan
 
 PREFILL_STEP = 2048  # mlx_lm.generate_step's prefill_step_size: same chunks, same numbers
@@ -206,6 +206,12 @@ class Cluster:
                     clients.append(NodeClient(a, desc["identity"], will_load=True, secret=secret, tls=tls))
                 except grpc.RpcError as e:
                     raise ClusterError(f"node {a}: {e.code().name}: {e.details()}") from None
+                except NodeNotAuthenticated as e:  # a rogue advertiser: never used, never sent anything
+                    if nodes is not None or local:
+                        raise
+                    log(f"refused discovered {e}")
+            if not clients:
+                raise ClusterError("no discovered node proved it holds the cluster secret", grpc.StatusCode.UNAUTHENTICATED)
         except BaseException:
             for c in clients:
                 c.close()
