@@ -205,6 +205,9 @@ class Cluster:
                 try:
                     clients.append(NodeClient(a, desc["identity"], will_load=True, secret=secret, tls=tls))
                 except grpc.RpcError as e:
+                    if nodes is None and not local and e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        log(f"skipped discovered node {a}: it does not share this cluster's secret")
+                        continue
                     raise ClusterError(f"node {a}: {e.code().name}: {e.details()}") from None
                 except NodeNotAuthenticated as e:  # a rogue advertiser: never used, never sent anything
                     if nodes is not None or local:
