@@ -90,3 +90,32 @@ def _step():
     request = pb.ForwardRequest(session_id="victim", want=pb.TOKEN)
     request.tokens.ids.extend([1])
     return request
+
+
+def test_a_streamed_import_is_bound_to_all_its_messages(node):
+    """ImportSession's chunks are the KV: a credential for one container does not install another."""
+    client, port = node
+    header, data = calls.fetch(client, "victim")
+    header.session_id = "copy"
+    assert calls.send(client, header, data).offset == len(PROMPT)  # the operator's import works
+    client.drop("copy")
+
+    method = "/turbocluster.v1.Node/ImportSession"
+    honest = [pb.SessionChunk(header=header), pb.SessionChunk(chunk=pb.Chunk(index=0, data=b"honest", crc32=0))]
+    forged = list(calls_messages(header, data))  # a real container, but not the one the credential covers
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.NodeStub(ch)
+        for body in (auth.stream_digest(honest), auth.STREAM_BODY):
+            cred = auth.make_credential(SECRET, method, target=client.node_id, body=body)
+            md = client.metadata + ((auth.HEADER, cred),)
+            assert _refusal(lambda: stub.ImportSession(iter(forged), metadata=md, timeout=10)) == (
+                grpc.StatusCode.UNAUTHENTICATED, auth.REASON_BODY)
+    assert "copy" not in {s.session_id for s in client.sessions()}
+
+
+def calls_messages(header, data):
+    from turbocluster.runtime.sessions.transfer import chunks
+
+    yield pb.SessionChunk(header=header)
+    for index, piece, crc in chunks(data):
+        yield pb.SessionChunk(chunk=pb.Chunk(index=index, data=piece, crc32=crc))

@@ -4,8 +4,10 @@ Every node of a cluster shares one secret. Each call carries the metadata
 ``turbo-auth: v2:<unix ms>:<nonce>:<target>:<body>:<mac>`` where ``mac`` is
 HMAC-SHA256(secret, "turbo-cluster-auth/v2\\n<method>\\n<target>\\n<body>\\n<unix ms>\\n<nonce>"),
 ``target`` the node id of the node called (empty only for Handshake, before the
-caller knows it) and ``body`` the sha256 of the serialised request (``-`` for
-streamed requests, whose chunks carry their own checksums). So a captured
+caller knows it) and ``body`` the sha256 of the serialised request, or for a
+streamed request ``stream_digest`` of all its messages (checked as the stream
+ends, before the handler sees its end; handlers read streams to the end before
+they act, as wire.join_chunks does). So a captured
 credential works for neither another body nor another node, and each node
 refuses a nonce it already accepted: a replay is refused cluster-wide. Refusals
 are UNAUTHENTICATED with a ``turbo-reason`` (``REASON_*``). The health-check
@@ -37,7 +39,7 @@ HEADER = "turbo-auth"
 SCHEME = "v2"
 ENV_SECRET = "TURBO_CLUSTER_SECRET"
 ENV_SECRET_FILE = "TURBO_SECRET_FILE"
-STREAM_BODY = "-"  # the body digest of a streamed request
+STREAM_BODY = "-"  # no body digest: refused for every call but those the verifier alone checks (tests)
 MAX_NONCES = 1 << 17  # nonces remembered at once; past it (after expiry) new calls are refused, never forgotten early
 REASON_MISSING, REASON_MALFORMED, REASON_MAC = "auth-missing", "auth-malformed", "auth-mac"
 REASON_SKEW, REASON_REPLAY, REASON_TARGET = "auth-skew", "auth-replay", "auth-target"
@@ -132,6 +134,23 @@ def body_digest(request) -> str:
     """sha256 hex of a request's serialised bytes (``request`` is bytes or a protobuf message)."""
     raw = request if isinstance(request, (bytes, bytearray)) else request.SerializeToString()
     return sha256(raw).hexdigest()
+
+
+def stream_digest(messages) -> str:
+    """sha256 over a streamed request's messages, each length-prefixed (bytes or protobuf messages)."""
+    h = _stream_hasher()
+    for m in messages:
+        _stream_update(h, m if isinstance(m, (bytes, bytearray)) else m.SerializeToString())
+    return h.hexdigest()
+
+
+def _stream_hasher():
+    return sha256(b"turbo-cluster-stream/v2\n")
+
+
+def _stream_update(h, raw):
+    h.update(len(raw).to_bytes(8, "big"))
+    h.update(raw)
 
 
 def make_credential(secret, method: str, now=None, target: str = "", body: str = STREAM_BODY) -> str:
@@ -243,9 +262,11 @@ class _BadBody:
 def _body_bound(handler, digest, aio=False):
     """``handler`` refusing, before its body is parsed, a body whose sha256 is not ``digest``."""
     if handler.request_streaming:
+        if aio:  # grpc.aio streams are not bound to their messages (the node serves with sync gRPC)
+            return handler if digest == STREAM_BODY else _refusing(handler, "an aio stream's credential carries body '-'", REASON_BODY, aio)
         if digest == STREAM_BODY:
-            return handler
-        return _refusing(handler, "a streamed call's credential must carry body '-'", REASON_BODY, aio)
+            return _refusing(handler, "a streamed call's credential must carry the stream_digest of its messages", REASON_BODY)
+        return _stream_bound(handler, digest)
     parse = handler.request_deserializer
 
     def deserialize(raw):
@@ -283,6 +304,43 @@ def _body_bound(handler, digest, aio=False):
             if isinstance(request, _BadBody):
                 errors.abort(context, grpc.StatusCode.UNAUTHENTICATED, request.why, REASON_BODY)
             return inner(request, context)
+
+    return handlers.like(handler, run, deserialize, handler.response_serializer)
+
+
+def _stream_bound(handler, digest):
+    """``handler`` whose request stream ends in UNAUTHENTICATED, before the handler sees the end,
+    when its messages are not the ones the credential's ``stream_digest`` names."""
+    parse, h, state = handler.request_deserializer, _stream_hasher(), {"verified": False}
+
+    def deserialize(raw):
+        _stream_update(h, raw)
+        return parse(raw) if parse else raw
+
+    def verify(context):
+        if not hmac.compare_digest(h.hexdigest(), digest):
+            errors.abort(context, grpc.StatusCode.UNAUTHENTICATED, "the streamed messages are not the ones its credential was made for", REASON_BODY)
+        state["verified"] = True
+
+    def checked(requests, context):
+        yield from requests
+        verify(context)
+
+    def unverified(context):  # a handler that acted without reading to the end: its reply is not sent
+        if not state["verified"]:
+            log.error("%s returned before reading its stream to the end; the body was not verified", handler)
+            errors.abort(context, grpc.StatusCode.UNAUTHENTICATED, "stream not read to its end; its body was not verified", REASON_BODY)
+
+    inner = handlers.behavior(handler)
+    if handler.response_streaming:
+        def run(requests, context):  # replies may interleave with requests: the check is at the end
+            yield from inner(checked(requests, context), context)
+            unverified(context)
+    else:
+        def run(requests, context):
+            reply = inner(checked(requests, context), context)
+            unverified(context)
+            return reply
 
     return handlers.like(handler, run, deserialize, handler.response_serializer)
 
@@ -327,10 +385,10 @@ class _Details(
     pass
 
 
-def _metadata(secret, details, target="", request=None):
+def _metadata(secret, details, target="", request=None, body=None):
     """The call's metadata plus a fresh credential for its method, target node and body."""
     method = details.method.decode() if isinstance(details.method, bytes) else details.method
-    body = STREAM_BODY if request is None else body_digest(request)
+    body = body or (STREAM_BODY if request is None else body_digest(request))
     return list(details.metadata or ()) + [(HEADER, make_credential(secret, method, target=target, body=body))]
 
 
@@ -348,8 +406,8 @@ class AuthClientInterceptor(
     def __init__(self, secret, target=""):
         self._secret, self.target = _key(secret), target
 
-    def _details(self, d, request=None):
-        md = _metadata(self._secret, d, self.target, request)
+    def _details(self, d, request=None, body=None):
+        md = _metadata(self._secret, d, self.target, request, body)
         return _Details(d.method, d.timeout, md, d.credentials, d.wait_for_ready, d.compression)
 
     def intercept_unary_unary(self, continuation, details, request):
@@ -359,10 +417,12 @@ class AuthClientInterceptor(
         return continuation(self._details(details, request), request)
 
     def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
+        messages = list(request_iterator)  # the credential covers every message, so they are made first
+        return continuation(self._details(details, body=stream_digest(messages)), iter(messages))
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
+        messages = list(request_iterator)
+        return continuation(self._details(details, body=stream_digest(messages)), iter(messages))
 
 
 def authenticated_channel(channel, secret, interceptor=None):
