@@ -7,22 +7,33 @@ The rotation itself stays ``mx.hadamard_transform``, which every backend
 already implements natively, so the reference and the fast path feed the
 kernels identical inputs.
 
-On first use on a device each kernel is checked against the plain-``mx``
-reference on a fixed input; if it does not compile or does not match bit for
-bit, the fast path is switched off with a warning and the reference is used.
-``TURBO_FAST_KERNELS=0`` switches it off outright.
+Bit width and head dim are runtime arguments, so each backend compiles two
+kernels in all. On first use on a machine they are checked against the
+plain-``mx`` reference over every width (a second or two); the verdict is
+cached on disk (``fused_check``), so later processes skip the check. If they
+do not compile or do not match bit for bit, the fast path is switched off with
+a warning and the reference is used. ``TURBO_FAST_KERNELS=0`` switches it off
+outright.
 """
 
+import functools
+import logging
 import os
 import warnings
 
 import mlx.core as mx
 
 from . import format as fmt
+from . import fused_check
+
+logger = logging.getLogger(__name__)
 
 _PACK_BODY = """
     unsigned int elem = {thread_id};
     if (elem >= count[0]) return;
+    const int BITS = count[1];
+    const int D = count[2];
+    const int W = count[3];
     unsigned int row = elem / W;
     int k = elem % W;
     unsigned int word = 0;
@@ -43,6 +54,9 @@ _PACK_BODY = """
 _DEQUANT_BODY = """
     unsigned int elem = {thread_id};
     if (elem >= count[0]) return;
+    const int BITS = count[1];
+    const int D = count[2];
+    const int W = count[3];
     unsigned int row = elem / D;
     int i = elem % D;
     int bit = i * BITS;
@@ -96,10 +110,20 @@ def _build(kind):
     }
 
 
+@functools.lru_cache(maxsize=256)
+def _params(total, bits, dim, words):
+    return mx.array([total, bits, dim, words], dtype=mx.uint32)
+
+
+@functools.lru_cache(maxsize=None)
+def _table(kind, bits):
+    """The boundaries or centroids of a width as a device array, made once (not per call)."""
+    return mx.array(fmt.boundaries(bits) if kind == "bounds" else fmt.centroids(bits), dtype=mx.float32)
+
+
 def _launch(kernel, inputs, total, shape, dtype, bits, dim, words):
     return kernel(
-        inputs=inputs + [mx.array([total], dtype=mx.uint32)],
-        template=[("BITS", bits), ("D", dim), ("W", words)],
+        inputs=inputs + [_params(total, bits, dim, words)],
         grid=(max(total, 1), 1, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[shape],
@@ -137,8 +161,13 @@ def kernels_for_device(reference=None):
     return _state[kind]
 
 
+def _source(kind):
+    tid = _THREAD_ID[kind]
+    return _PACK_BODY.format(thread_id=tid) + _DEQUANT_BODY.format(thread_id=tid)
+
+
 def _self_check(kind, reference):
-    try:
+    def check():
         kernels = _build(kind)
         mx.random.seed(1234)
         for bits in fmt.SUPPORTED_BITS:
@@ -152,17 +181,18 @@ def _self_check(kind, reference):
                 fast = _dequantize(kernels, ref_packed, scales, bits, dim, codebook)
                 if not (mx.array_equal(ref_packed, fast_packed).item() and mx.array_equal(ref, fast).item()):
                     raise AssertionError(f"{kind} kernels differ from the reference at {bits} bits, dim {dim}")
-        return kernels
-    except Exception as e:  # a compile error or a mismatch: never use a wrong fast path
-        warnings.warn(f"TurboQuant {kind} fast path disabled, using the reference: {e}")
-        return None
+
+    if fused_check.verdict(kind, "encode-pack-dequant", _source(kind), check):
+        return _build(kind)
+    warnings.warn(f"TurboQuant {kind} fast path disabled, using the reference (see the log)")
+    return None
 
 
 def quantize_pack(coords, bits, words):
     """Packed words for [N, D] normalised rotated coordinates, on the fast path."""
-    return _quantize_pack(kernels_for_device(), coords, bits, words, mx.array(fmt.boundaries(bits), dtype=mx.float32))
+    return _quantize_pack(kernels_for_device(), coords, bits, words, _table("bounds", bits))
 
 
 def dequantize(packed, scales, bits, dim):
     """``scale * centroid[idx]`` (float32 [N, D]) from [N, W] words, on the fast path."""
-    return _dequantize(kernels_for_device(), packed, scales, bits, dim, mx.array(fmt.centroids(bits), dtype=mx.float32))
+    return _dequantize(kernels_for_device(), packed, scales, bits, dim, _table("centroids", bits))

@@ -37,6 +37,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from ...kernels import fused as fused_gpu
 from ...kernels import native as native_cpu
 from ...kernels import turboquant as tq
 
@@ -188,6 +189,18 @@ def _finish(out, values: PackedKV, dtype):
     return out.astype(dtype)
 
 
+# --- GPU dispatch (owned by the GPU kernels: turbocluster/kernels/fused.py) ---------
+
+
+def gpu_attention(queries, keys: PackedKV, values: PackedKV, scale, mask):
+    """Fused CUDA/Metal attention over the packed cache, or None to run the reference above.
+
+    None on the CPU, with TURBOCLUSTER_FUSED=0, or when the kernel variant failed
+    its self-check against ``turbo_scaled_dot_product_attention`` (logged once).
+    """
+    return fused_gpu.attention(queries, keys, values, scale, mask, reference=turbo_scaled_dot_product_attention)
+
+
 # --- the hook ------------------------------------------------------------------------
 
 _original_sdpa = None
@@ -198,6 +211,9 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sink
     if isinstance(keys, PackedKV):
         if sinks is not None:
             raise ValueError("TurboQuant attention does not support attention sinks")
+        out = gpu_attention(queries, keys, values, scale, mask)
+        if out is not None:
+            return out
         return turbo_scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     return _original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 

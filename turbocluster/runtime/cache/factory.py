@@ -1,27 +1,71 @@
-"""The one place a shard's layer caches are made from a cache setting."""
+"""The one place a shard's layer caches are made from a cache setting.
 
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+The types come from the model itself (``model.make_cache()`` over the whole
+model, through ``shard.make_full_cache``): ``RotatingKVCache`` for sliding
+layers, ``ArraysCache``/``MambaCache`` for SSM and linear-attention layers,
+``KVCache`` for the rest. A TurboQuant setting replaces only plain ``KVCache``
+layers, and not those the setting keeps in fp16 (``fp16_layers``, counted over
+the *model's* attention layers) nor those whose attention uses sinks, which
+the packed attention does not read (gpt-oss).
+"""
+
+import logging
+
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import CacheList, KVCache
 
 from ..model import shard
-from .config import CacheConfig
-from .turbo_cache import make_turbo_cache
+from .config import CacheConfig, CacheConfigError
+from .turbo_cache import TurboQuantKVCache
+
+logger = logging.getLogger(__name__)
 
 
 def make_fp16_caches(model, max_context=None):
     """Plain mlx-lm caches for the held layers, as ``model.make_cache()`` makes them for the whole model."""
-    return [KVCache() if w is None else RotatingKVCache(max_size=w) for w in shard.sliding_windows(model)]
+    return shard.make_caches(model)
+
+
+def _has_sinks(layer) -> bool:
+    return any(k.rsplit(".", 1)[-1] == "sinks" for k, _ in tree_flatten(layer.parameters()))
 
 
 def make_caches(model, cache=None, max_context=None):
     """Caches for the held layers: fp16 when the setting (a ``CacheConfig`` or its dict) has zero bits, else TurboQuant."""
     config = CacheConfig.from_dict(cache)
+    start, end, _ = shard.layer_range(model)
+    full = shard.make_full_cache(model)
+    held = full[start:end]
     if not config.turbo:
-        return make_fp16_caches(model, max_context)
-    return make_turbo_cache(
-        model,
-        k_bits=config.k_bits,
-        v_bits=config.v_bits,
-        fp16_layers=config.fp16_layers,
-        quantized_start=config.quantized_start,
-        key_mean=config.key_mean,
-    )
+        return held
+    refusal = shard.packed_cache_refusal(model)
+    if refusal:
+        raise CacheConfigError(refusal)
+    attn = [i for i, c in enumerate(full) if _plain(c)]
+    n = config.fp16_layers
+    keep = set(attn[:n]) | set(attn[len(attn) - n :] if n else [])
+    layers = shard.held_layers(model)
+    out = []
+    for i, c, layer in zip(range(start, end), held, layers):
+        if i in keep or not _plain(c):
+            out.append(c)
+        elif _has_sinks(layer):
+            logger.debug("layer %d keeps an fp16 cache: its attention uses sinks", i)
+            out.append(c)
+        else:
+            out.append(_packed(c, config))
+    return out
+
+
+def _plain(c) -> bool:
+    """A plain KVCache, or a CacheList holding one (hybrid layers such as falcon_h1's)."""
+    return type(c) is KVCache or (type(c) is CacheList and any(type(x) is KVCache for x in c.caches))
+
+
+def _packed(c, config: CacheConfig):
+    def turbo(x):
+        if type(x) is not KVCache:
+            return x
+        return TurboQuantKVCache(config.k_bits, config.v_bits, config.quantized_start, key_mean=config.key_mean)
+
+    return CacheList(*(turbo(x) for x in c.caches)) if type(c) is CacheList else turbo(c)

@@ -236,6 +236,12 @@ class Cluster:
 
     def plan(self, context=4096, cache=None):
         """A plan over the connected nodes in the order given, by their free memory."""
+        from ..model import shard
+
+        try:  # refuse an architecture the shard runner cannot split before any node loads
+            shard.check_splittable(self.desc)
+        except shard.UnsplittableModel as e:
+            raise ClusterError(str(e), grpc.StatusCode.UNIMPLEMENTED, impossible=True) from None
         specs = []
         for c, info in zip(self.clients, self.infos()):
             free = info.memory_budget_bytes - info.memory_used_bytes + info.weights_bytes  # reloading frees weights

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import gguf
+from . import gguf, shard
 
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -114,19 +114,13 @@ def _load_dir(path, layers):
     from mlx_lm.utils import load_model, load_tokenizer
 
     net, config = load_model(path, lazy=True)
-    inner = getattr(net, "model", None)
-    if inner is None or not hasattr(inner, "layers"):
-        raise ValueError(f"{path}: expected an mlx-lm model with model.model.layers, found {type(net).__name__}")
-    n = len(inner.layers)
+    try:
+        shard.check_splittable(net)
+    except shard.UnsplittableModel as e:
+        raise ValueError(f"{path}: {e}") from None
+    n = len(shard.held_layers(net))
     start, end = _check_range(layers, n)
-    tied = not hasattr(net, "lm_head")
-    inner.layers = inner.layers[start:end]
-    if start != 0 and not (end == n and tied) and hasattr(inner, "embed_tokens"):
-        del inner.embed_tokens
-    if end != n:
-        for parent, name in ((inner, "norm"), (net, "lm_head")):
-            if hasattr(parent, name):
-                delattr(parent, name)
+    shard.restrict(net, start, end)
     if use_float32():
         net.set_dtype(mx.float32)
     mx.eval(net.parameters())

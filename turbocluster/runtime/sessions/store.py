@@ -38,7 +38,8 @@ class Session:
 
     @property
     def offset(self):
-        return self.caches[0].offset if self.caches else 0
+        # SSM caches (ArraysCache) have no offset: the first cache that has one says it
+        return next((c.offset for c in self.caches if isinstance(getattr(c, "offset", None), int)), 0)
 
     def kv_bytes_used(self):
         return sum(c.nbytes for c in self.caches)
