@@ -119,3 +119,39 @@ def calls_messages(header, data):
     yield pb.SessionChunk(header=header)
     for index, piece, crc in chunks(data):
         yield pb.SessionChunk(chunk=pb.Chunk(index=index, data=piece, crc32=crc))
+
+
+def test_a_hidden_state_over_chunk_bytes_crosses_an_authenticated_pipeline(tiny_model_dirs, node, monkeypatch):
+    """Node to node, ForwardStream carries a credential over all its chunks; the step equals the one-node step."""
+    from turbocluster.runtime.transport import wire
+
+    monkeypatch.setattr(wire, "CHUNK_BYTES", 16 << 10)  # so a short prompt's hidden state goes by ForwardStream
+    streamed, proto_chunks = [], wire.proto_chunks
+    monkeypatch.setattr(wire, "proto_chunks", lambda raw, *a: streamed.append(len(raw)) or proto_chunks(raw, *a))
+    model = tiny_model_dirs["qwen3"]
+    identity = loader.describe(model)["identity"]
+    prompt = [(i * 37) % 4000 + 3 for i in range(64)]
+    servers, clients = [], []
+    try:
+        for name in ("stage-a", "stage-b"):
+            servicer = NodeServicer(name=name, secret=SECRET)
+            server, port = make_server(servicer)
+            servers.append((server, servicer))
+            clients.append(NodeClient(f"127.0.0.1:{port}", identity, secret=SECRET, will_load=True))
+        a, b = clients
+        a.load(model, 0, 2)
+        b.load(model, 2, 5)
+        b.create_session("long", max_context=80)
+        a.create_session("long", max_context=80, next_address=b.address)
+        split = a.forward("long", tokens=prompt).token
+        assert streamed and streamed[0] > wire.CHUNK_BYTES  # it did go by ForwardStream
+        whole, _ = node
+        whole.create_session("long", max_context=80)
+        assert split == whole.forward("long", tokens=prompt).token
+        whole.drop("long")
+    finally:
+        for c in clients:
+            c.close()
+        for server, servicer in servers:
+            server.stop(0)
+            servicer.close()

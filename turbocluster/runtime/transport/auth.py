@@ -252,7 +252,11 @@ def _refusing(handler, why, reason, aio=False):
     return handlers.like(handler, refuse)
 
 
-class _BadBody:
+class Rejected:
+    """Base of the stand-ins an interceptor's deserializer returns for a request it refuses."""
+
+
+class _BadBody(Rejected):
     """Stands in for a request whose bytes are not the ones the credential was made for."""
 
     def __init__(self, found):
@@ -271,9 +275,11 @@ def _body_bound(handler, digest, aio=False):
 
     def deserialize(raw):
         found = sha256(raw).hexdigest()
-        if not hmac.compare_digest(found, digest):
-            return _BadBody(found)
-        return parse(raw) if parse else raw
+        request = parse(raw) if parse else raw
+        if hmac.compare_digest(found, digest):
+            return request
+        # damaged on the way (an inner check, e.g. the node's crc32, says so: DATA_LOSS, retryable), else forged
+        return request if isinstance(request, Rejected) else _BadBody(found)
 
     inner = handlers.behavior(handler)
     if aio:
