@@ -8,7 +8,9 @@ Every session is greedy, so each must give exactly the tokens of a fault-free
 run (mlx-lm in this process). Prints sessions completed, sessions lost (must be
 0), outputs that differed (must be 0) and the recovery time of each failure:
 from the kill to the next token any session produced. Loopback only; bounded
-by --time-limit seconds and --failures kills. A killed node restarts on its
+by --time-limit seconds and --failures kills. --migrations moves stages of running
+sessions to a spare node and back meanwhile; --restarts restarts planned nodes
+gracefully on their port (re-dialled and handshaken again). A killed node restarts on its
 port after --restart-after seconds and rejoins at the next re-plan.
 """
 
@@ -43,6 +45,11 @@ def main():
     p.add_argument("--restart-after", type=float, default=2.0, help="seconds before a killed node restarts (default 2)")
     p.add_argument("--time-limit", type=float, default=300.0, help="stop starting sessions after this (default 300 s)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between packed-KV checkpoints (default 0: replay)")
+    p.add_argument("--migrations", type=int, default=0,
+                   help="migrations to run while sessions generate: a random stage of a running session moves to a spare "
+                        "node and back (default 0; starts one spare node)")
+    p.add_argument("--restarts", type=int, default=0,
+                   help="graceful restarts (SIGTERM, then at once on the same port) of planned nodes (default 0)")
     p.add_argument("--concurrency", type=int, default=1, help="sessions running at once (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -56,7 +63,9 @@ def main():
         r = ", ".join(f"{s:.2f}" for s in summary["recovery_s"]) or "-"
         print(
             f"sessions {summary['sessions']}: completed {summary['completed']}, lost {summary['lost']}, "
-            f"differed {summary['differed']}; failures injected {summary['failures_injected']}; recovery s: {r}"
+            f"differed {summary['differed']}; failures injected {summary['failures_injected']} "
+            f"(kills {summary['kills']}, restarts {summary['restarts']}); migrations {summary['migrations']} "
+            f"(refused {summary['migrations_refused']}); recovery s: {r}"
         )
     return 0 if summary["lost"] == 0 and summary["differed"] == 0 else 1
 
@@ -69,6 +78,9 @@ def run(args):
     from turbocluster.runtime.model import loader
     from turbocluster.runtime.cluster.cluster import Cluster, ClusterError, start_local_nodes, stop_local_nodes
 
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"turbocluster\.")  # each is logged once already
     rng = random.Random(args.seed)
     model, tok = loader.load()
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True) for q in PROMPTS]
@@ -77,7 +89,8 @@ def run(args):
 
     nodes = start_local_nodes(args.nodes, names=[f"chaos-{i}" for i in range(args.nodes)])
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    done, kills, lock = threading.Event(), [], threading.Lock()
+    spare = start_local_nodes(1, names=["chaos-spare"])[0] if args.migrations else None
+    done, kills, lock, moves = threading.Event(), [], threading.Lock(), []
     last_token = [0.0]
     cluster = None
     try:
@@ -86,7 +99,7 @@ def run(args):
         failover.configure(cluster, step_timeout_s=10.0, probe_timeout_s=2.0, checkpoint_every=args.checkpoint_every)
 
         def killer():
-            while not done.wait(rng.expovariate(1 / args.interval)) and len(kills) < args.failures:
+            while not done.wait(rng.expovariate(1 / args.interval)) and sum(1 for k in kills if k.get("kind") != "restart") < args.failures:
                 with lock:
                     planned = {c.address for c in cluster.clients}
                     alive = [i for i, n in enumerate(nodes) if n.proc.poll() is None]
@@ -116,8 +129,51 @@ def run(args):
             stop_local_nodes([old])
             log(f"chaos: restarted {fresh.address}")
 
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
+        def restarter():
+            n = 0
+            while not done.wait(rng.expovariate(1 / args.interval)) and n < args.restarts:
+                with lock:
+                    planned = {c.address for c in cluster.clients}
+                    victims = [i for i, node in enumerate(nodes) if node.proc.poll() is None and node.address in planned]
+                    if not victims:
+                        continue
+                    i = rng.choice(victims)
+                    old = nodes[i]
+                    old.proc.terminate()  # SIGTERM: the node withdraws and stops cleanly
+                    old.proc.wait()
+                    kills.append({"node": old.address, "at": time.monotonic(), "recovered": None, "kind": "restart"})
+                    n += 1
+                    port = old.address.rpartition(":")[2]
+                    try:
+                        [nodes[i]] = start_local_nodes(1, names=[f"chaos-{i}"], args=["--port", port])
+                        log(f"chaos: restarted {old.address} (SIGTERM, same port)")
+                    except ClusterError as e:
+                        log(f"chaos: restart of {old.address} failed: {e}")
+                    stop_local_nodes([old])
+
+        def migrator():
+            while not done.wait(rng.expovariate(2 / args.interval)) and len(moves) < args.migrations:
+                sids = list(cluster.live)
+                live = cluster.live.get(rng.choice(sids)) if sids else None
+                if live is None or len(live.route) < 2:
+                    continue
+                on_spare = [st for st in live.route if st.address == spare.address]
+                st = on_spare[0] if on_spare else rng.choice(live.route)
+                home = [a.address for a in cluster.plan_.assignments if (a.start, a.end) == (st.start, st.end)]
+                target = home[0] if on_spare and home else spare.address
+                if target == st.address:
+                    continue
+                try:
+                    r = cluster.migrate(live.session_id, (st.start, st.end), target)
+                    moves.append({"ok": True, "pause_ms": round(r["pause_ms"], 1)})
+                    log(f"chaos: moved layers {st.start}:{st.end} of {live.session_id[:8]} to {target}")
+                except ClusterError as e:  # the session ended, the plan changed, or the spare is busy: nothing moved
+                    moves.append({"ok": False, "why": str(e)[:200]})
+                    log(f"chaos: migration refused: {e}")
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (killer, restarter, migrator)]
+        for thread in threads:
+            thread.start()
         t0 = time.monotonic()
 
         def session(n):
@@ -147,13 +203,19 @@ def run(args):
         differed = results.count("differed")
         completed = differed + results.count("completed")
         done.set()
-        thread.join()
+        for thread in threads:
+            thread.join()
         return {
             "sessions": completed + lost,
             "completed": completed,
             "lost": lost,
             "differed": differed,
             "failures_injected": len(kills),
+            "kills": sum(1 for k in kills if k.get("kind") != "restart"),
+            "restarts": sum(1 for k in kills if k.get("kind") == "restart"),
+            "migrations": sum(1 for m in moves if m["ok"]),
+            "migrations_refused": sum(1 for m in moves if not m["ok"]),
+            "migration_pause_ms": [m["pause_ms"] for m in moves if m["ok"]],
             "recovery_s": [round(k["recovered"] - k["at"], 3) for k in kills if k["recovered"] is not None],
             "replans": [round(e["seconds"], 3) for e in failover.state(cluster).events],
             "rebuilds": [
@@ -167,7 +229,7 @@ def run(args):
             cluster.close()
         time.sleep(0.1)
         with lock:
-            stop_local_nodes([n for n in nodes])
+            stop_local_nodes([n for n in nodes] + ([spare] if spare else []))
 
 
 if __name__ == "__main__":

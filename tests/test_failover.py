@@ -153,3 +153,26 @@ def test_failover_that_cannot_fit_the_survivors_says_why(bundled):
                 list(gen)
     finally:
         stop_local_nodes(nodes)
+
+
+def test_a_session_restored_from_a_snapshot_survives_a_failover(pool, bundled, tmp_path):
+    """A restored session has no replay journal: its snapshot's KV is what the re-plan rebuilds it from."""
+    ids, ref = bundled
+    nodes = pool.take(3)
+    path = tmp_path / "s.tcs"
+    with connect(nodes) as cluster:
+        gen = cluster.generate_tokens(ids, max_tokens=MAX_TOKENS, stop_at_eos=False, session_id="restored")
+        first = [next(gen) for _ in range(BEFORE)]
+        cluster.snapshot(path, "restored")
+        gen.close()
+    with connect(nodes) as cluster:
+        sid = cluster.restore(path)
+        rest = cluster.resume(sid, MAX_TOKENS - BEFORE, stop_at_eos=False)
+        out = first + [next(rest)]
+        kill(nodes[1])
+        with pytest.warns(failover.FailoverWarning):
+            out += list(rest)
+        assert out == ref
+        [rebuild] = failover.state(cluster).rebuilds
+        assert rebuild["mode"] == "checkpoint" and rebuild["session"] == "restored"
+        assert cluster.sessions() == []

@@ -249,7 +249,7 @@ import grpc  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 
 from turbocluster.proto import turbo_pb2 as pb  # noqa: E402
-from turbocluster.runtime.cli import main as cli  # noqa: E402
+from turbocluster.runtime.cli import cluster as cli  # noqa: E402
 from turbocluster.runtime.model import loader  # noqa: E402
 from turbocluster.runtime.cluster.cluster import Cluster, start_local_nodes, stop_local_nodes  # noqa: E402
 

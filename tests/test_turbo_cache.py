@@ -318,3 +318,21 @@ def test_bad_bits_and_head_dims_raise_clear_errors():
         TurboQuantKVCache().update_and_fetch(mx.zeros((1, 1, 4, 40)), mx.zeros((1, 1, 4, 40)))
     with pytest.raises(ValueError, match="fp16_layers"):
         make_turbo_cache(_llama(), fp16_layers=-1)
+
+
+def test_state_by_name_and_unknown_versions_refused_with_a_code():
+    from turbocluster.runtime.cache import turbo_cache as tc
+
+    c = TurboQuantKVCache(4, 3)
+    c.update_and_fetch(mx.random.normal((1, 2, 5, 64)), mx.random.normal((1, 2, 5, 64)))
+    fields = c.state_fields()
+    assert fields["offset"] == 5 and fields["k_packed"].shape[2] == 5
+    assert dict(zip(tc.STATE_FIELDS, c.state)).keys() == fields.keys()
+    back = TurboQuantKVCache.from_fields(fields)
+    assert back.settings() == c.settings() and mx.array_equal(back.fetch()[0].packed, c.fetch()[0].packed)
+    with pytest.raises(tc.CacheStateError) as e:
+        TurboQuantKVCache.from_fields(fields, version=tc.STATE_VERSION + 1)
+    assert e.value.code == "STATE_VERSION"
+    with pytest.raises(tc.CacheStateError) as e:
+        tc.named_state(c.state[:-1])
+    assert e.value.code == "STATE_FIELDS"

@@ -96,3 +96,17 @@ def dim_from_words(words, bits):
 def vector_nbytes(dim, bits):
     """Bytes one encoded vector takes: packed indices plus its float16 scale."""
     return 4 * packed_words(dim, bits) + 2
+
+
+# Indices per lookup field, by bit width: readers cut the packed bit stream into
+# fields of ``m * bits`` bits and look each field up in a table of 2**(m*bits)
+# rows of m centroids (one gather per m coordinates). The one table every
+# reader uses: the MLX reference (``turboquant.codebook_values``) and the native
+# C kernel, whose unpack routines are generated from it (``native``).
+FIELD_INDICES = {2: 4, 3: 4, 4: 2, 5: 2, 6: 2, 7: 2, 8: 1}
+
+
+def field_indices(bits):
+    """Indices per lookup field at ``bits`` (see ``FIELD_INDICES``)."""
+    _check_bits(bits)
+    return FIELD_INDICES[bits]

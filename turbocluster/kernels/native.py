@@ -5,7 +5,7 @@ gather that costs more than the whole float32 attention it replaces. For
 decode on the CPU (few query rows, mask None or "causal") we compile this C
 kernel once with the system compiler, the way MLX compiles its own fused CPU
 kernels, and call it through ctypes on zero-copy numpy views. It reads the
-same bit stream with field lookup tables (``_NATIVE_FIELDS``), keeps every
+same bit stream with field lookup tables (``format.FIELD_INDICES``, the C unpack routines generated from it), keeps every
 score and sum in float32 and matches the MLX path to float rounding. Without
 a compiler, on other devices, or with TURBOCLUSTER_NATIVE=0, the MLX path runs.
 
@@ -27,10 +27,10 @@ import mlx.core as mx
 import numpy as np
 
 from . import turboquant as tq
+from .format import FIELD_INDICES, field_indices
 
 NATIVE_MAX_ROWS = 32  # query rows per kv head (n_rep * L) up to which the native kernel runs
-_NATIVE_FIELDS = {2: 4, 3: 4, 4: 2, 5: 2, 6: 2, 7: 2, 8: 1}  # must match DEF_UNPACK below
-_NATIVE_SOURCE = r"""
+_NATIVE_HEAD = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,23 +52,8 @@ static inline uint32_t field(const uint8_t *row, int nbytes, int k, int F) {
     for (int k = 0; k < nf; k++)                                                    \
       memcpy(out + k * M, lut + (size_t)field(row, nbytes, k, F) * M, M * 4);       \
   }
-DEF_UNPACK(unpack_2, 8, 4)
-DEF_UNPACK(unpack_3, 12, 4)
-DEF_UNPACK(unpack_4, 8, 2)
-DEF_UNPACK(unpack_5, 10, 2)
-DEF_UNPACK(unpack_6, 12, 2)
-DEF_UNPACK(unpack_7, 14, 2)
-DEF_UNPACK(unpack_8, 8, 1)
-
-typedef void (*unpack_fn)(const uint8_t *, int, const float *, float *);
-static unpack_fn pick(int b) {
-  switch (b) {
-  case 2: return unpack_2; case 3: return unpack_3; case 4: return unpack_4;
-  case 5: return unpack_5; case 6: return unpack_6; case 7: return unpack_7;
-  case 8: return unpack_8; default: return 0;
-  }
-}
-
+"""
+_NATIVE_BODY = r"""
 /* q: [B, H, R, D] float32, rows r = rep * L + l, already rotated and scaled.
    kp/vp: packed uint32, strides (elements) for b, h, t in kps/vps; ks/vs: float32
    scales with strides kss/vss. Luts: 2**F rows of M centroids. out: [B, H, R, Dv]. */
@@ -129,6 +114,22 @@ int turbo_attention(int B, int H, int R, int L, int T, int D, int Dv, int causal
 """
 
 
+def _unpack_source():
+    """The per-width unpack routines and their dispatch, generated from ``format.FIELD_INDICES``."""
+    lines = [f"DEF_UNPACK(unpack_{b}, {m * b}, {m})" for b, m in sorted(FIELD_INDICES.items())]
+    cases = " ".join(f"case {b}: return unpack_{b};" for b in sorted(FIELD_INDICES))
+    lines += [
+        "",
+        "typedef void (*unpack_fn)(const uint8_t *, int, const float *, float *);",
+        f"static unpack_fn pick(int b) {{ switch (b) {{ {cases} default: return 0; }} }}",
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+_NATIVE_SOURCE = _NATIVE_HEAD + _unpack_source() + _NATIVE_BODY
+
+
 @functools.lru_cache(maxsize=None)
 def library():
     """The compiled kernel (ctypes), or None where it cannot be built or is switched off."""
@@ -158,7 +159,7 @@ def library():
 
 @functools.lru_cache(maxsize=None)
 def _table(bits, codebook):
-    m = _NATIVE_FIELDS[bits]
+    m = field_indices(bits)
     values = np.asarray(codebook if codebook is not None else tq.centroids(bits), dtype=np.float32)
     field = np.arange(1 << (m * bits), dtype=np.int64)
     return np.ascontiguousarray(np.stack([values[(field >> (bits * j)) & ((1 << bits) - 1)] for j in range(m)], axis=1))

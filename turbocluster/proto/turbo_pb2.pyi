@@ -199,14 +199,30 @@ class CacheConfig(_message.Message):
     def __init__(self, k_bits: _Optional[int] = ..., v_bits: _Optional[int] = ..., fp16_layers: _Optional[int] = ..., quantized_start: _Optional[int] = ..., key_mean: _Optional[bool] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("temperature", "top_p", "seed")
+    __slots__ = ("temperature", "top_p", "seed", "top_k", "min_p", "min_tokens_to_keep", "repetition_penalty", "repetition_context_size", "presence_penalty", "frequency_penalty", "penalty_context_size")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_TO_KEEP_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PENALTY_CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     seed: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    top_k: int
+    min_p: float
+    min_tokens_to_keep: int
+    repetition_penalty: float
+    repetition_context_size: int
+    presence_penalty: float
+    frequency_penalty: float
+    penalty_context_size: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., min_tokens_to_keep: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., repetition_context_size: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context_size: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "max_context", "cache", "next_address", "sampling")
@@ -249,16 +265,24 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "tokens", "hidden", "want")
+    __slots__ = ("session_id", "tokens", "hidden", "want", "expected_position", "step_id", "holder", "context_ids")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     WANT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_IDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens: TokenIds
     hidden: Tensor
     want: Output
-    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., want: _Optional[_Union[Output, str]] = ...) -> None: ...
+    expected_position: int
+    step_id: str
+    holder: str
+    context_ids: TokenIds
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., want: _Optional[_Union[Output, str]] = ..., expected_position: _Optional[int] = ..., step_id: _Optional[str] = ..., holder: _Optional[str] = ..., context_ids: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class ForwardChunk(_message.Message):
     __slots__ = ("header", "payload_bytes", "chunk")
@@ -297,12 +321,14 @@ class ForwardReply(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[int] = ..., hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
 
 class TrimRequest(_message.Message):
-    __slots__ = ("session_id", "count")
+    __slots__ = ("session_id", "count", "holder")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     count: int
-    def __init__(self, session_id: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+    holder: str
+    def __init__(self, session_id: _Optional[str] = ..., count: _Optional[int] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class DropSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -327,18 +353,20 @@ class ListSessionsReply(_message.Message):
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
-    __slots__ = ("session_id", "layer_start", "layer_end", "keep_prefill", "from_token")
+    __slots__ = ("session_id", "layer_start", "layer_end", "keep_prefill", "from_token", "holder")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     KEEP_PREFILL_FIELD_NUMBER: _ClassVar[int]
     FROM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     layer_start: int
     layer_end: int
     keep_prefill: bool
     from_token: int
-    def __init__(self, session_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., keep_prefill: _Optional[bool] = ..., from_token: _Optional[int] = ...) -> None: ...
+    holder: str
+    def __init__(self, session_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., keep_prefill: _Optional[bool] = ..., from_token: _Optional[int] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class SessionHeader(_message.Message):
     __slots__ = ("total_bytes", "session_id", "next_address", "model_identity", "layer_start", "layer_end", "num_tokens", "format_version", "container_version", "cache", "stage", "append")
@@ -377,7 +405,7 @@ class SessionChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[SessionHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class PushSessionRequest(_message.Message):
-    __slots__ = ("session_id", "layer_start", "layer_end", "target_address", "target_session_id", "next_address", "keep_prefill", "stage", "from_token")
+    __slots__ = ("session_id", "layer_start", "layer_end", "target_address", "target_session_id", "next_address", "keep_prefill", "stage", "from_token", "holder")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -387,6 +415,7 @@ class PushSessionRequest(_message.Message):
     KEEP_PREFILL_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     FROM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     layer_start: int
     layer_end: int
@@ -396,7 +425,8 @@ class PushSessionRequest(_message.Message):
     keep_prefill: bool
     stage: bool
     from_token: int
-    def __init__(self, session_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., target_address: _Optional[str] = ..., target_session_id: _Optional[str] = ..., next_address: _Optional[str] = ..., keep_prefill: _Optional[bool] = ..., stage: _Optional[bool] = ..., from_token: _Optional[int] = ...) -> None: ...
+    holder: str
+    def __init__(self, session_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., target_address: _Optional[str] = ..., target_session_id: _Optional[str] = ..., next_address: _Optional[str] = ..., keep_prefill: _Optional[bool] = ..., stage: _Optional[bool] = ..., from_token: _Optional[int] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class PushSessionReply(_message.Message):
     __slots__ = ("session", "container_bytes", "export_ms", "transfer_ms")
@@ -417,3 +447,25 @@ class RerouteSessionRequest(_message.Message):
     session_id: str
     next_address: str
     def __init__(self, session_id: _Optional[str] = ..., next_address: _Optional[str] = ...) -> None: ...
+
+class LockSessionRequest(_message.Message):
+    __slots__ = ("session_id", "holder", "unlock", "ttl_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    UNLOCK_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    holder: str
+    unlock: bool
+    ttl_s: float
+    def __init__(self, session_id: _Optional[str] = ..., holder: _Optional[str] = ..., unlock: _Optional[bool] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class LockSessionReply(_message.Message):
+    __slots__ = ("holder", "expires_in_s", "session")
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    holder: str
+    expires_in_s: float
+    session: SessionInfo
+    def __init__(self, holder: _Optional[str] = ..., expires_in_s: _Optional[float] = ..., session: _Optional[_Union[SessionInfo, _Mapping]] = ...) -> None: ...

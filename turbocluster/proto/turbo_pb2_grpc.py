@@ -101,6 +101,11 @@ class NodeStub:
                 request_serializer=turbo__pb2.RerouteSessionRequest.SerializeToString,
                 response_deserializer=turbo__pb2.SessionInfo.FromString,
                 _registered_method=True)
+        self.LockSession = channel.unary_unary(
+                '/turbocluster.v1.Node/LockSession',
+                request_serializer=turbo__pb2.LockSessionRequest.SerializeToString,
+                response_deserializer=turbo__pb2.LockSessionReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -208,6 +213,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LockSession(self, request, context):
+        """Lock (or unlock) a session for one holder, e.g. a migration: until it is unlocked or
+        its ttl passes, Forward, Trim, ExportSession and PushSession that do not name that
+        holder are refused ABORTED (reason "session-locked"). Waits for a step in flight.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -275,6 +289,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.RerouteSession,
                     request_deserializer=turbo__pb2.RerouteSessionRequest.FromString,
                     response_serializer=turbo__pb2.SessionInfo.SerializeToString,
+            ),
+            'LockSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.LockSession,
+                    request_deserializer=turbo__pb2.LockSessionRequest.FromString,
+                    response_serializer=turbo__pb2.LockSessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -630,6 +649,33 @@ class Node:
             '/turbocluster.v1.Node/RerouteSession',
             turbo__pb2.RerouteSessionRequest.SerializeToString,
             turbo__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LockSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turbocluster.v1.Node/LockSession',
+            turbo__pb2.LockSessionRequest.SerializeToString,
+            turbo__pb2.LockSessionReply.FromString,
             options,
             channel_credentials,
             insecure,

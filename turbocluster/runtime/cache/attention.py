@@ -31,8 +31,6 @@ own path.
 import functools
 import math
 import sys
-from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -40,34 +38,10 @@ import numpy as np
 from ...kernels import fused as fused_gpu
 from ...kernels import native as native_cpu
 from ...kernels import turboquant as tq
+from ...kernels.packed import PackedKV  # noqa: F401  (re-exported: the kernels layer owns it)
 
 CHUNK_TOKENS = 4096  # most keys read per chunk
 CHUNK_SCORES = 1 << 22  # most float32 scores per chunk (queries x keys), bounds prefill memory
-
-
-@dataclass(frozen=True, eq=False)
-class PackedKV:
-    """Keys or values of one layer as stored by ``TurboQuantKVCache``.
-
-    ``packed`` is uint32 [B, H, T, words] and ``scales`` float16 [B, H, T, 1] in
-    the format of ``turbocluster.kernels.turboquant``; a vector is
-    ``scale * codebook[idx]``, in the rotated space when ``rotated``.
-    ``codebook`` None means the format's Lloyd-Max centroids. ``mean``
-    (values only, [B, H, 1, dim], unrotated space) was subtracted before
-    encoding; attention adds it back to its output (the weights sum to one).
-    """
-
-    packed: mx.array
-    scales: mx.array
-    bits: int
-    dim: int
-    codebook: Optional[Tuple[float, ...]] = None
-    rotated: bool = True
-    mean: Optional[mx.array] = None
-
-    @property
-    def shape(self):
-        return (*self.packed.shape[:-1], self.dim)
 
 
 def codebook_values(kv: PackedKV, start=0, stop=None):

@@ -105,18 +105,34 @@ class CacheConfig:
 FP16 = CacheConfig()
 
 
-def kv_bytes(num_layers, num_kv_heads, head_dim, positions, cache=None, itemsize=2):
-    """Bytes of K and V for ``positions`` tokens over ``num_layers`` layers.
+def kv_bytes(num_layers, num_kv_heads, head_dim, positions, cache=None, itemsize=2, layers=None, total_layers=None):
+    """Bytes of K and V that ``positions`` tokens can fill over ``num_layers`` layers.
 
-    fp16: 2 * heads * head_dim * itemsize per position and layer, rounded up to
-    mlx-lm's 256-position allocation step. TurboQuant: the format's own bytes
-    per packed vector (``format.vector_nbytes``: words plus the fp16 scale).
+    A reservation must be what the session can fill, so it counts:
+      * float layers (fp16 caches, and the first and last ``fp16_layers`` of
+        the model under TurboQuant): 2 * heads * head_dim * ``itemsize`` per
+        position (``itemsize`` is the activations': 4 on CPU nodes, which keep
+        float32), rounded up to mlx-lm's 256-position allocation step;
+      * TurboQuant layers: the format's bytes per packed vector
+        (``format.vector_nbytes``) plus, with ``quantized_start``, the float
+        buffers of the first ``quantized_start`` positions, held until the
+        crossing compresses them (both exist at that moment).
+
+    layers: the global (start, end) of the counted layers; total_layers: the
+    model's layer count (both default to the counted layers being the whole
+    model), so that ``fp16_layers`` is counted against the full model.
     """
-    positions = -(-positions // 256) * 256
+    rounded = lambda n: -(-n // 256) * 256
     cache = CacheConfig.from_dict(cache) if not isinstance(cache, CacheConfig) else cache
     k_bits, v_bits = cache.k_bits, cache.v_bits
+    float_per = 2 * head_dim * itemsize * rounded(positions)
     if not (k_bits or v_bits):
-        per = 2 * head_dim * itemsize
-    else:
-        per = tq.vector_nbytes(head_dim, k_bits) + tq.vector_nbytes(head_dim, v_bits)
-    return num_layers * num_kv_heads * positions * per
+        return num_layers * num_kv_heads * float_per
+    start, end = layers if layers is not None else (0, num_layers)
+    total = total_layers if total_layers is not None else end
+    fp16 = cache.fp16_layers
+    n_float = sum(1 for i in range(start, end) if i < fp16 or i >= total - fp16)
+    packed = (tq.vector_nbytes(head_dim, k_bits) + tq.vector_nbytes(head_dim, v_bits)) * rounded(positions)
+    if cache.quantized_start:
+        packed += 2 * head_dim * itemsize * rounded(min(positions, cache.quantized_start))
+    return num_kv_heads * (n_float * float_per + (num_layers - n_float) * packed)

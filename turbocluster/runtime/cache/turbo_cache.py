@@ -36,7 +36,7 @@ from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
 from ...kernels import turboquant as tq
 from . import attention
-from .attention import PackedKV
+from ...kernels.packed import PackedKV
 
 # --- codebooks (the format's own is turboquant.centroids; others are for experiments) --
 
@@ -89,6 +89,53 @@ def _encode(x, bits, codebook=None, rotate=True):
     c = mx.take(mx.array(values, dtype=mx.float32), idx)
     scale = (y * c).sum(axis=-1, keepdims=True) / mx.maximum((c * c).sum(axis=-1, keepdims=True), 1e-30)
     return tq.pack(idx, bits), scale.astype(mx.float16)
+
+
+# --- the state schema ------------------------------------------------------------------
+#
+# ``state`` (mlx-lm's protocol, and the container's wire list) is positional;
+# everything else asks the cache by name: ``state_fields`` / ``from_fields``.
+# The positions are written here and nowhere else.
+
+STATE_VERSION = 1
+STATE_FIELDS = ("k_packed", "k_scales", "v_packed", "v_scales", "keys", "values", "key_mean", "offset", "meta_state")
+PACKED_FIELDS = STATE_FIELDS[:4]
+FLOAT_FIELDS = STATE_FIELDS[4:6]
+SETTINGS = ("k_bits", "v_bits", "quantized_start", "codebook", "rotate_values", "key_mean")
+
+
+class CacheStateError(ValueError):
+    """A cache state this version cannot read. ``code``: STATE_VERSION or STATE_FIELDS."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def check_state_version(version) -> int:
+    """``version`` if this code reads it, else CacheStateError(STATE_VERSION)."""
+    if version != STATE_VERSION:
+        raise CacheStateError(
+            "STATE_VERSION", f"TurboQuantKVCache state version {version!r} is not supported (this build reads {STATE_VERSION})"
+        )
+    return version
+
+
+def state_position(name: str) -> int:
+    """Where field ``name`` sits in ``state`` (for error messages about a wire list)."""
+    return STATE_FIELDS.index(name)
+
+
+def named_state(state, version=STATE_VERSION) -> dict:
+    """An mlx-lm ``state`` tuple as ``{field: value}`` (``meta_state`` as a tuple of strings)."""
+    check_state_version(version)
+    if not isinstance(state, (list, tuple)) or len(state) != len(STATE_FIELDS):
+        found = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
+        raise CacheStateError("STATE_FIELDS", f"TurboQuantKVCache expects {len(STATE_FIELDS)} fields {STATE_FIELDS}, found {found}")
+    fields = dict(zip(STATE_FIELDS, state))
+    meta = fields["meta_state"]
+    fields["meta_state"] = tuple(meta) if isinstance(meta, list) else meta
+    return fields
 
 
 # --- the cache -------------------------------------------------------------------------
@@ -168,8 +215,8 @@ class TurboQuantKVCache(_BaseCache):
             getattr(self, k)[..., prev : prev + n, :] = a
         self.offset = prev + n
 
-    _PACKED = ("k_packed", "k_scales", "v_packed", "v_scales")
-    _FLOAT = ("keys", "values")
+    PACKED_FIELDS = _PACKED = PACKED_FIELDS
+    FLOAT_FIELDS = _FLOAT = FLOAT_FIELDS
 
     def update_and_fetch(self, keys, values):
         if not self.compressed:
@@ -242,23 +289,48 @@ class TurboQuantKVCache(_BaseCache):
 
     @property
     def state(self):
-        """(k_packed, k_scales, v_packed, v_scales, keys, values, key_mean, offset, meta_state).
+        """``state_fields`` in ``STATE_FIELDS`` order, for mlx-lm (save/load_prompt_cache)."""
+        fields = self.state_fields()
+        return tuple(fields[k] for k in STATE_FIELDS)
+
+    @state.setter
+    def state(self, v):
+        self.set_fields(named_state(v))
+
+    def state_fields(self) -> dict:
+        """The state by name: packed/float arrays cut to ``offset``, ``offset``, ``meta_state``.
 
         Arrays hold the ``offset`` stored tokens only; the phase not in use is None.
+        The schema is ``STATE_VERSION``; ``from_fields`` reads it back.
         """
         if self.value_mean_enabled:
             raise ValueError("a TurboQuantKVCache with value_mean (an experiment) cannot be serialized yet")
         t = self.offset
-        cut = lambda a: None if a is None else a[..., :t, :]
-        arrays = [cut(getattr(self, k)) for k in self._PACKED + self._FLOAT]
-        return (*arrays, self.key_mean, self.offset, self.meta_state)
+        out = {k: None if getattr(self, k) is None else getattr(self, k)[..., :t, :] for k in self._PACKED + self._FLOAT}
+        out.update(key_mean=self.key_mean, offset=self.offset, meta_state=self.meta_state)
+        return out
 
-    @state.setter
-    def state(self, v):
-        *arrays, self.key_mean, self.offset, meta = v
-        for k, a in zip(self._PACKED + self._FLOAT, arrays):
-            setattr(self, k, a)
-        self.meta_state = tuple(meta)
+    def set_fields(self, fields: dict) -> None:
+        """Restore from ``state_fields`` output (names, not positions)."""
+        missing = set(STATE_FIELDS) - set(fields)
+        if missing:
+            raise CacheStateError("STATE_FIELDS", f"TurboQuantKVCache state lacks {sorted(missing)}")
+        for k in self._PACKED + self._FLOAT:
+            setattr(self, k, fields[k])
+        self.key_mean, self.offset = fields["key_mean"], fields["offset"]
+        self.meta_state = tuple(fields["meta_state"])
+
+    @classmethod
+    def from_fields(cls, fields: dict, version: int = STATE_VERSION) -> "TurboQuantKVCache":
+        """A cache from named fields of schema ``version`` (CacheStateError if unknown)."""
+        check_state_version(version)
+        obj = cls.__new__(cls)
+        obj.set_fields(fields)
+        return obj
+
+    def settings(self) -> dict:
+        """``meta_state`` by name (``SETTINGS``), as strings."""
+        return dict(zip(SETTINGS, self.meta_state))
 
     @property
     def nbytes(self):

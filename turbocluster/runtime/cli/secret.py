@@ -24,6 +24,8 @@ def target(path=None) -> Path:
 
 def run(args) -> int:
     """Create (or with --force replace) the secret file; print the command that installs it elsewhere."""
+    if os.environ.get(auth.ENV_SECRET):
+        raise SystemExit(f"turbo-node secret: ${auth.ENV_SECRET} is set and overrides any file; unset it to make the file")
     path = target(args.secret_file)
     if path.exists() and args.force:
         path.unlink()
@@ -33,9 +35,15 @@ def run(args) -> int:
     except (OSError, ValueError) as e:
         raise SystemExit(f"turbo-node secret: {e}") from None
     print(f"{'using the existing' if existed else 'created'} cluster secret {path} (mode 0600)")
-    quoted = shlex.quote(str(path))
+    quoted = _for_other_machines(path)
     print("on each other machine of the cluster, run:")
     print(f"  mkdir -p -m 700 $(dirname {quoted}) && (umask 077; echo {secret} > {quoted})")
     return 0
 
 
+def _for_other_machines(path: Path) -> str:
+    """``path`` for a shell on another machine: under the home folder as ``~/...`` (user names differ)."""
+    try:
+        return "~/" + shlex.quote(str(path.resolve().relative_to(Path.home().resolve())))
+    except ValueError:
+        return shlex.quote(str(path))

@@ -12,6 +12,7 @@ the token comes back up the chain. The coordinator only tokenises, detokenises
 and decides when to stop.
 """
 
+import logging
 import os
 import re
 import secrets
@@ -21,26 +22,23 @@ import sys
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import grpc
 
-from ...proto import turbo_pb2 as pb
 from ..transport import auth
 from ..transport import discovery
-from . import failover
-from ..transport.errors import ClusterError
-from . import migration
 from ..transport.client import NodeClient, NodeNotAuthenticated
-from .plan import NodeSpec, make_plan
+from ..transport.errors import ClusterError, from_rpc
+from . import failover
+from . import migration
+from .driver import PREFILL_STEP, Driver, Stats  # noqa: F401  (PREFILL_STEP, Stats: re-exported)
+from .membership import Membership, load_plan, plan_over
+from .plan import Plan
 
-PREFILL_STEP = 2048  # mlx_lm.generate_step's prefill_step_size: same chunks, same numbers
+_log = logging.getLogger(__name__)
 _SERVING = re.compile(r"serving on (\S+:\d+)")
-
-
-def _node_error(client, e):
-    return ClusterError(f"node {client.address}: {e.code().name}: {e.details()}", e.code())
 
 
 # --------------------------------------------------------------------------- local nodes
@@ -119,22 +117,8 @@ def stop_local_nodes(nodes, timeout=10.0):
 # --------------------------------------------------------------------------- the cluster
 
 
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    hops: list = field(default_factory=list)  # per decode step: [(node_id, compute_ms, total_ms, bytes_in)]
-
-    @property
-    def tokens_per_s(self):
-        # the first token comes out of the prefill; the rest are decode steps
-        steps = self.generated_tokens - 1
-        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
-
-
-def _tokenizer(model):
+def tokenizer_for(model):
+    """The model's tokenizer, without its weights."""
     from ..model import loader
 
     if hasattr(loader, "load_tokenizer"):
@@ -142,7 +126,14 @@ def _tokenizer(model):
     return loader.load(model, layers=(0, 1))[1]
 
 
-def parse_nodes(text):
+def encode(tokenizer, prompt: str, chat: bool = True) -> list:
+    """Token ids of a user message: through the chat template when the tokenizer has one and ``chat``."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return tokenizer.encode(prompt)
+
+
+def parse_nodes(text) -> list:
     """``"host:port,host:port"`` -> list of addresses."""
     out = [a.strip() for a in text.split(",") if a.strip()] if isinstance(text, str) else list(text)
     for a in out:
@@ -152,20 +143,41 @@ def parse_nodes(text):
     return out
 
 
-class Cluster:
-    """Handshaken connections to the nodes of one pipeline, in pipeline order."""
+class _Callback(logging.Handler):
+    """Hands the cluster's diagnostics (logging records) to a ``log(message)`` callable."""
 
-    def __init__(self, clients, desc, model=None, local_nodes=(), log=None):
-        self.clients = clients  # NodeClient per node, in pipeline order once a plan is loaded
+    def __init__(self, fn):
+        super().__init__(logging.INFO)
+        self.fn = fn
+
+    def emit(self, record):
+        self.fn(("warning: " if record.levelno >= logging.WARNING else "") + record.getMessage())
+
+
+class Cluster:
+    """Handshaken connections to the nodes of one pipeline: membership (nodes, plan), driver (sessions)."""
+
+    def __init__(self, clients, desc, model=None, local_nodes=(), log=None, secret=None, tls=None):
         self.desc = desc
         self.model = model
+        self.secret, self.tls = secret, tls  # for nodes dialled later (failover, migration targets)
         self.local_nodes = list(local_nodes)
-        self.log = log or (lambda *a: None)
-        self.plan_ = None
+        self.membership = Membership(clients, self.dial)
+        self.failover_state = failover.State()
+        self.driver = Driver(self)
         self._tokenizer = None
         self.stats = Stats()
-        self.live = {}  # session id -> migration.Live: route and pending token of each session driven here
-        self.peers = {}  # address -> NodeClient of nodes outside the plan (migration targets)
+        self._handler = None
+        if log is not None:  # diagnostics are logging records; a callback just receives them
+            self._handler = _Callback(log)
+            logging.getLogger("turbocluster.runtime.cluster").addHandler(self._handler)
+            logging.getLogger("turbocluster.runtime.cluster").setLevel(logging.INFO)
+
+    # what the membership and the driver own, read here
+    clients = property(lambda self: self.membership.clients, doc="NodeClient per node, in pipeline order")
+    plan_ = property(lambda self: self.membership.plan, doc="the plan loaded, or None")
+    peers = property(lambda self: self.membership.peers, doc="address -> NodeClient of nodes outside the plan")
+    live = property(lambda self: self.driver.live, doc="session id -> Live: route and pending token of each session driven here")
 
     @classmethod
     def connect(cls, model=None, nodes=None, local=None, discover_timeout=2.0, interfaces=None, log=None, secret=None, tls=None):
@@ -178,8 +190,12 @@ class Cluster:
         """
         from ..model import loader
 
-        log = log or (lambda *a: None)
         desc = loader.describe(model)
+        handler = _Callback(log) if log is not None else None
+        if handler is not None:  # diagnostics are logging records; the callback just receives them
+            logging.getLogger("turbocluster.runtime.cluster").addHandler(handler)
+            logging.getLogger("turbocluster.runtime.cluster").setLevel(logging.INFO)
+        say = _log.info
         started = []
         if nodes:
             addresses = parse_nodes(nodes)
@@ -187,15 +203,15 @@ class Cluster:
             secret = secret or secrets.token_hex(32)
             started = start_local_nodes(local, secret=secret)
             addresses = [n.address for n in started]
-            log(f"started {local} local nodes: {', '.join(addresses)}")
+            say(f"started {local} local nodes: {', '.join(addresses)}")
         else:
             kw = {} if interfaces is None else {"interfaces": interfaces}
             found = discovery.browse(discover_timeout, **kw)
             if found:
                 addresses = [f.address for f in found]
-                log(f"discovered {len(found)} nodes: " + ", ".join(f"{f.name} ({f.address})" for f in found))
+                say(f"discovered {len(found)} nodes: " + ", ".join(f"{f.name} ({f.address})" for f in found))
             else:
-                log(f"no node answered within {discover_timeout:g} s; starting 2 local nodes")
+                say(f"no node answered within {discover_timeout:g} s; starting 2 local nodes")
                 secret = secret or secrets.token_hex(32)
                 started = start_local_nodes(2, secret=secret)
                 addresses = [n.address for n in started]
@@ -208,7 +224,7 @@ class Cluster:
                     if nodes is None and not local and e.code() == grpc.StatusCode.UNAUTHENTICATED:
                         log(f"skipped discovered node {a}: it does not share this cluster's secret")
                         continue
-                    raise ClusterError(f"node {a}: {e.code().name}: {e.details()}") from None
+                    raise from_rpc("", a, e) from None
                 except NodeNotAuthenticated as e:  # a rogue advertiser: never used, never sent anything
                     if nodes is not None or local:
                         raise
@@ -219,22 +235,21 @@ class Cluster:
             for c in clients:
                 c.close()
             stop_local_nodes(started)
+            if handler is not None:
+                logging.getLogger("turbocluster.runtime.cluster").removeHandler(handler)
             raise
-        cluster = cls(clients, desc, model, started, log)
-        cluster.secret, cluster.tls = secret, tls  # for nodes dialled later (failover, migration targets)
+        cluster = cls(clients, desc, model, started, None, secret, tls)
+        cluster._handler = handler
         return cluster
 
-    def dial(self, address, **kw):
+    def dial(self, address: str, **kw) -> NodeClient:
         """A handshaken ``NodeClient`` to ``address`` with this cluster's secret and TLS (for nodes dialled later)."""
-        return NodeClient(
-            address, self.desc["identity"], will_load=True,
-            secret=getattr(self, "secret", None), tls=getattr(self, "tls", None), **kw,
-        )
+        return NodeClient(address, self.desc["identity"], will_load=True, secret=self.secret, tls=self.tls, **kw)
 
-    def infos(self):
+    def infos(self) -> list:
         return [c.info() for c in self.clients]
 
-    def plan(self, context=4096, cache=None):
+    def plan(self, context: int = 4096, cache=None) -> Plan:
         """A plan over the connected nodes in the order given, by their free memory."""
         from ..model import shard
 
@@ -242,61 +257,33 @@ class Cluster:
             shard.check_splittable(self.desc)
         except shard.UnsplittableModel as e:
             raise ClusterError(str(e), grpc.StatusCode.UNIMPLEMENTED, impossible=True) from None
-        specs = []
-        for c, info in zip(self.clients, self.infos()):
-            free = info.memory_budget_bytes - info.memory_used_bytes + info.weights_bytes  # reloading frees weights
-            specs.append(NodeSpec(info.name, c.address, free))
-        return make_plan(specs, self.desc, context=context, cache=cache, model=self.model or "")
+        return plan_over(self.clients, self.desc, self.model, context, cache)
 
-    def load(self, plan, progress=None):
+    def load(self, plan: Plan, progress=None) -> Plan:
         """Apply ``plan``: LoadLayers on every node at once; ``progress(address, LoadProgress)``.
 
         A node that already holds exactly its assigned layers of this model is left as it is.
         """
-        plan.check()
-        by_address = {c.address: c for c in self.clients}
-        ordered = []
-        for a in plan.assignments:
-            if a.address not in by_address:
-                raise ClusterError(f"plan names node {a.address}, which this cluster is not connected to")
-            ordered.append(by_address[a.address])
-
-        def load_one(client, a):
-            info = client.info()
-            held = (info.model_identity, info.layer_start, info.layer_end, info.load_state)
-            if held == (self.desc["identity"], a.start, a.end, pb.READY):
-                if progress:
-                    progress(client.address, pb.LoadProgress(fraction=1.0, stage="ready", message="already loaded", done=True))
-                return
-            report = (lambda p: progress(client.address, p)) if progress else None
-            try:
-                client.load(self.model, a.start, a.end, progress=report)
-            except grpc.RpcError as e:
-                raise _node_error(client, e) from None
-
-        with ThreadPoolExecutor(len(ordered)) as pool:
-            for job in [pool.submit(load_one, c, a) for c, a in zip(ordered, plan.assignments)]:
-                job.result()
-        self.clients = ordered
-        self.plan_ = plan
+        self.membership.adopt(load_plan(self.clients, plan, self.desc, self.model, progress), plan)
         return plan
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = _tokenizer(self.model)
+            self._tokenizer = tokenizer_for(self.model)
         return self._tokenizer
 
-    def encode(self, prompt, chat=True):
-        tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
-            return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return tok.encode(prompt)
+    @tokenizer.setter
+    def tokenizer(self, tok):  # one loaded before connecting (the CLI checks the prompt first)
+        self._tokenizer = tok
+
+    def encode(self, prompt: str, chat: bool = True) -> list:
+        return encode(self.tokenizer, prompt, chat)
 
     def generate_tokens(
         self, prompt_ids, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, cache=None, max_context=None, stop_at_eos=True,
         session_id=None,
-    ):
+    ) -> Iterator[int]:
         """Yield generated token ids (stops at EOS or ``max_tokens``); as mlx_lm.generate_step does it.
 
         Between tokens the session can be moved (``migrate``, ``handoff``, ``replan``) or
@@ -308,115 +295,64 @@ class Cluster:
         if not prompt_ids:
             raise ValueError("the prompt must hold at least one token")
         eos = set(self.tokenizer.eos_token_ids) if stop_at_eos else set()
-        max_context = max_context or len(prompt_ids) + max_tokens
         sid = session_id or uuid.uuid4().hex
         stats = self.stats = Stats(prompt_tokens=len(prompt_ids))
-        created = []
-        live = None
+        live = self.driver.open(sid, max_context or len(prompt_ids) + max_tokens, cache, temperature, top_p, seed, prompt_ids)
         try:
-            # the journal lets failover.py rebuild the session on other nodes (docs/failover.md)
-            journal = failover.opened(self, sid, max_context, cache, temperature, top_p, seed)
-            for i in reversed(range(len(self.clients))):
-                c = self.clients[i]
-                nxt = self.clients[i + 1].address if i + 1 < len(self.clients) else ""
-                try:
-                    c.create_session(sid, max_context, cache, nxt, temperature, top_p, seed)
-                except grpc.RpcError as e:
-                    if e.code() not in failover.RETRYABLE:
-                        raise _node_error(c, e) from None
-                    journal.epoch = -1  # a node is down: the first step recovers, then creates the session
-                    break
-                created.append(c)
-            live = self.live[sid] = migration.Live(sid, migration.current_route(self), list(prompt_ids))
-            first = self.clients[0]
             t0 = time.perf_counter()
-            try:
-                with live.lock:
-                    rest = prompt_ids
-                    while len(rest) > 1:
-                        n = min(PREFILL_STEP, len(rest) - 1)
-                        failover.forward(self, sid, rest[:n], pb.NONE)
-                        rest = rest[n:]
-                    reply = failover.forward(self, sid, rest, pb.TOKEN)
-                stats.prefill_s = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                for n in range(max_tokens):
-                    token = live.pending = reply.token
-                    stats.generated_tokens += 1
-                    yield token
-                    if token in eos or n + 1 == max_tokens:
-                        break
-                    with live.lock:  # a migration waits for this step, and the next step for it
-                        first = live.route[0].client
-                        reply = failover.forward(self, sid, [token], pb.TOKEN)
-                        live.tokens.append(token)
-                    stats.hops.append([(h.node_id, h.compute_ms, h.total_ms, h.bytes_in) for h in reply.hops])
-                    stats.decode_s = time.perf_counter() - t1
-            except grpc.RpcError as e:
-                raise _node_error(first, e) from None
-        finally:
-            self.live.pop(sid, None)
-            failover.closed(self, sid)
-            for c in [st.client for st in live.route] if live else created:
-                try:
-                    c.drop(sid, timeout=5.0)
-                except grpc.RpcError:
-                    pass  # the node is gone or already dropped it; nothing left to free
+            live.pending = self.driver.prefill(sid, prompt_ids).token
+            stats.prefill_s = time.perf_counter() - t0
+        except BaseException:
+            self.driver.close(sid)
+            raise
+        yield from self.driver.decode(sid, max_tokens, eos, stats)
 
-    def resume(self, session_id, max_tokens=256, stop_at_eos=True):
+    def resume(self, session_id: str, max_tokens: int = 256, stop_at_eos: bool = True) -> Iterator[int]:
         """Yield the tokens after a restored (or adopted) session's pending one; drops the session at the end."""
         live = migration.live_session(self, session_id)
         if live.pending is None:
             raise ClusterError(f"session {session_id!r} has no pending token to continue from (restore it from a snapshot)")
+        if session_id not in self.driver.journals:  # adopted from the nodes: keep its KV to rebuild from
+            with live.lock:
+                self.driver.adopt(live, *migration.gather(self, live))
         eos = set(self.tokenizer.eos_token_ids) if stop_at_eos else set()
-        try:
-            for _ in range(max_tokens):
-                with live.lock:
-                    first = live.route[0].client
-                    try:
-                        reply = first.forward(session_id, tokens=[live.pending], want=pb.TOKEN)
-                    except grpc.RpcError as e:
-                        raise _node_error(first, e) from None
-                    live.tokens.append(live.pending)
-                    live.pending = reply.token
-                yield reply.token
-                if reply.token in eos:
-                    break
-        finally:
-            self.live.pop(session_id, None)
-            for st in live.route:
-                try:
-                    st.client.drop(session_id)
-                except grpc.RpcError:
-                    pass  # the node is gone or already dropped it
+        self.stats = Stats()
+        gen = self.driver.decode(session_id, max_tokens + 1, eos, self.stats)
+        next(gen)  # the pending token, which the snapshot's caller already has
+        yield from gen
 
     # -- moving sessions (migration.py does the work; see docs/migration.md) --
 
-    def migrate(self, session_id, layers, to_node, relay=False):
+    def migrate(self, session_id: str, layers, to_node: str, relay: bool = False) -> dict:
         """Move ``layers`` (whole stages) of a live session to node ``to_node`` (host:port), between tokens."""
         return migration.migrate(self, session_id, layers, to_node, relay)
 
-    def handoff(self, session_id, nodes, relay=False):
+    def handoff(self, session_id: str, nodes, relay: bool = False) -> dict:
         """Move a (prefilled) session to the route over ``nodes`` (host:port, in order) for decoding."""
         return migration.handoff(self, session_id, nodes, relay)
 
-    def snapshot(self, path, session_id=None):
+    def snapshot(self, path, session_id: Optional[str] = None) -> int:
         """Write a session (all its layers, token ids, pending token) to ``path``; returns bytes written."""
         return migration.snapshot(self, path, session_id)
 
-    def restore(self, path, session_id=None):
-        """Load a snapshot onto this cluster's layers; returns the session id (continue with ``resume``)."""
-        return migration.restore(self, path, session_id)
+    def restore(self, path, session_id: Optional[str] = None) -> str:
+        """Load a snapshot onto this cluster's layers; returns the session id (continue with ``resume``).
 
-    def sessions(self):
+        The snapshot's KV is kept as the session's checkpoint, so a failover during ``resume`` rebuilds it.
+        """
+        sid, live, caches, meta = migration.restore(self, path, session_id)
+        self.driver.adopt(live, caches, meta)
+        return sid
+
+    def sessions(self) -> list:
         """Live sessions on the connected nodes: size, and which node holds which layers."""
         return migration.sessions(self)
 
-    def replan(self, nodes, context=None, cache=None):
+    def replan(self, nodes, context=None, cache=None) -> Plan:
         """Re-plan over ``nodes`` (a node joined or is drained), moving every live session's KV with its layers."""
         return migration.replan(self, nodes, context, cache)
 
-    def generate(self, prompt, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, stop=(), cache=None, chat=True):
+    def generate(self, prompt, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, stop=(), cache=None, chat=True) -> Iterator[str]:
         """Yield text pieces as they are generated; stops at EOS, ``max_tokens`` or a ``stop`` string."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         detok = self.tokenizer.detokenizer
@@ -447,15 +383,13 @@ class Cluster:
         hit = [pending.find(s) for s in stop if s in pending]
         yield pending[: min(hit)] if hit else pending
 
-    def close(self):
-        for c in self.clients:
-            c.close()
-        for c in self.peers.values():
-            if c not in self.clients:
-                c.close()
-        self.peers = {}
+    def close(self) -> None:
+        self.membership.close()
         stop_local_nodes(self.local_nodes)
         self.local_nodes = []
+        if self._handler is not None:
+            logging.getLogger("turbocluster.runtime.cluster").removeHandler(self._handler)
+            self._handler = None
 
     def __enter__(self):
         return self

@@ -6,9 +6,9 @@ session's ``Live.lock``, and only then is the pipeline rerouted and the old
 copy dropped. Any failure before the drops leaves the old route serving.
 """
 
-import threading
+import logging
 import time
-from dataclasses import dataclass, field
+import uuid
 
 import grpc
 
@@ -17,52 +17,21 @@ from ..sessions import container as session_io
 from ..sessions.calls import fetch, header_for, push, reroute, send
 from ..sessions.transfer import merge, split
 from ..transport.errors import REASON_MOVE_WHOLE, MigrationError, reason_of
+from .membership import Live, Stage, list_sessions, load_plan, lock_route, plan_over, unlock_route  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 
 def _failed(what, client, e):
     return MigrationError(f"{what}: node {client.address}: {e.code().name}: {e.details()}", e.code())
 
 
-@dataclass
-class Stage:
-    """One hop of a session's route: a node and the global layers it runs for the session."""
-
-    client: object  # node.NodeClient
-    start: int
-    end: int
-
-    @property
-    def address(self):
-        return self.client.address
-
-
-@dataclass
-class Live:
-    """A session the coordinator drives: its route and where generation stands.
-
-    ``tokens`` are the ids whose KV the route holds; ``pending`` is the last
-    sampled token, not yet fed back. Each decode step holds ``lock``, so a
-    migration waits for the step in flight and the next one waits for it.
-    """
-
-    session_id: str
-    route: list
-    tokens: list = field(default_factory=list)
-    pending: object = None
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-
 def connect(cluster, address):
-    """The cluster's connection to ``address``, opened (and kept in ``cluster.peers``) if new."""
-    for c in [*cluster.clients, *cluster.peers.values()]:
-        if c.address == address:
-            return c
+    """The cluster's connection to ``address`` (kept by its membership), re-dialled if the node restarted."""
     try:
-        client = cluster.dial(address)
+        return cluster.membership.checked(address)
     except grpc.RpcError as e:
         raise MigrationError(f"node {address}: {e.code().name}: {e.details()}", e.code()) from None
-    cluster.peers[address] = client
-    return client
 
 
 def prepare(cluster, client, layers):
@@ -71,7 +40,8 @@ def prepare(cluster, client, layers):
     held = (info.model_identity, info.layer_start, info.layer_end, info.load_state)
     if held == (cluster.desc["identity"], *layers, pb.READY):
         return
-    planned = cluster.plan_ is not None and any(a.address == client.address for a in cluster.plan_.assignments)
+    plan = cluster.membership.plan
+    planned = plan is not None and any(a.address == client.address for a in plan.assignments)
     if info.sessions or planned:
         raise MigrationError(
             f"node {client.address} holds layers {info.layer_start}:{info.layer_end} with {info.sessions} live sessions"
@@ -85,10 +55,7 @@ def prepare(cluster, client, layers):
 
 
 def _clients(cluster):
-    seen = {}
-    for c in [*cluster.clients, *cluster.peers.values()]:
-        seen.setdefault(c.address, c)
-    return list(seen.values())
+    return list(cluster.membership.known().values())
 
 
 def live_session(cluster, session_id, refresh=False):
@@ -170,9 +137,9 @@ def move(cluster, live, route, relay=False):
 
     def whole(st, nxt, sources):
         if len(sources) == 1 and not relay:
-            sent[0] += push(sources[0].client, sid, (st.start, st.end), st.address, nxt).container_bytes
+            sent[0] += push(sources[0].client, sid, (st.start, st.end), st.address, nxt, holder=holder).container_bytes
             return
-        parts = [fetch(o.client, sid, (max(o.start, st.start), min(o.end, st.end)))[1] for o in sources]
+        parts = [fetch(o.client, sid, (max(o.start, st.start), min(o.end, st.end)), holder=holder)[1] for o in sources]
         sent[0] += sum(map(len, parts))
         if len(parts) == 1:
             data, meta = parts[0], _peek_meta(parts[0])
@@ -197,14 +164,16 @@ def move(cluster, live, route, relay=False):
             staged[key(st)] = reply.session.offset
             sent[0] += reply.container_bytes
             packing_ms += reply.export_ms  # the source held the session's lock this long
+    holder = f"migrate-{uuid.uuid4().hex[:12]}"
     with live.lock:
         t1 = time.perf_counter()
+        locked = lock_route(old, sid, holder)  # another process's steps and moves wait for this one
         try:
             for st, nxt, sources in todo:
                 try:
                     if key(st) in staged:
                         src = sources[0].client
-                        reply = push(src, sid, (st.start, st.end), st.address, nxt, from_token=staged[key(st)])
+                        reply = push(src, sid, (st.start, st.end), st.address, nxt, from_token=staged[key(st)], holder=holder)
                         sent[0] += reply.container_bytes
                     else:
                         whole(st, nxt, sources)
@@ -224,9 +193,11 @@ def move(cluster, live, route, relay=False):
                     rerouted.append((st, before[0]))
         except BaseException:
             _drop_quietly(built, sid)
+            unlock_route(locked, sid, holder)
             raise
         new = {key(st) for st in route}
         _drop_quietly([o for o in old if key(o) not in new], sid)
+        unlock_route([o for o in locked if key(o) in new], sid, holder)
         live.route = list(route)
         t2 = time.perf_counter()
     return {"wire_bytes": sent[0], "seconds": t2 - t0, "pause_ms": (t2 - t1) * 1e3 + packing_ms}
@@ -265,8 +236,6 @@ def migrate(cluster, session_id, layers, to_node, relay=False):
 
 def decode_route(cluster, nodes):
     """Stages over ``nodes`` (host:port, in order): as they are loaded, or planned and loaded if all idle."""
-    from .plan import NodeSpec, make_plan
-
     clients = [connect(cluster, a) for a in nodes]
     infos = [c.info() for c in clients]
     ident = cluster.desc["identity"]
@@ -284,8 +253,7 @@ def decode_route(cluster, nodes):
             f"nodes {nodes} do not hold the model's layers in order and {busy} have live sessions; expected loaded or idle nodes",
             grpc.StatusCode.FAILED_PRECONDITION,
         )
-    specs = [NodeSpec(i.name, c.address, i.memory_budget_bytes - i.memory_used_bytes + i.weights_bytes) for c, i in zip(clients, infos)]
-    plan = make_plan(specs, cluster.desc, context=1, model=cluster.model or "")
+    plan = plan_over(clients, cluster.desc, cluster.model, 1, infos=infos)
     for c, a in zip(clients, plan.assignments):
         prepare(cluster, c, (a.start, a.end))
     return [Stage(c, a.start, a.end) for c, a in zip(clients, plan.assignments)]
@@ -302,20 +270,25 @@ def handoff(cluster, session_id, nodes, relay=False):
     return move(cluster, live, route, relay)
 
 
-def gather(cluster, live):
-    """The whole session as ``(caches, meta)`` for layers 0..n, fetched stage by stage. Hold ``live.lock``."""
+def gather_stages(route, session_id):
+    """A whole session as ``(caches, meta)`` for layers 0..n, fetched stage by stage (no step may run meanwhile)."""
     parts = []
-    for st in live.route:
+    for st in route:
         try:
-            _, data = fetch(st.client, live.session_id)
+            _, data = fetch(st.client, session_id)
         except grpc.RpcError as e:
-            raise _failed(f"exporting session {live.session_id!r}", st.client, e) from None
+            raise _failed(f"exporting session {session_id!r}", st.client, e) from None
         parts.append(session_io.unpack_session(data))
-    caches, meta = merge(parts)
+    return _plain_meta(*merge(parts))
+
+
+def gather(cluster, live):
+    """The whole session with its token ids and pending token, as ``(caches, meta)``. Hold ``live.lock``."""
+    caches, meta = gather_stages(live.route, live.session_id)
     if len(live.tokens) == meta["num_tokens"]:
         meta["token_ids"] = list(live.tokens)
     meta["pending_token"] = live.pending
-    return _plain_meta(caches, meta)
+    return caches, meta
 
 
 def snapshot(cluster, path, session_id=None):
@@ -334,8 +307,8 @@ def _only_session(cluster):
     return ids[0]
 
 
-def install(cluster, caches, meta, route, session_id):
-    """Import a whole session split over ``route``; all stages or none. Returns the Live record."""
+def install_stages(caches, meta, route, session_id):
+    """Import a whole session split over ``route``; all stages or none."""
     built = []
     try:
         for i, st in enumerate(route):
@@ -349,47 +322,34 @@ def install(cluster, caches, meta, route, session_id):
     except BaseException:
         _drop_quietly(built, session_id)
         raise
-    pending = meta.get("pending_token")
-    live = cluster.live[session_id] = Live(session_id, list(route), list(meta.get("token_ids") or []), pending)
+
+
+def install(cluster, caches, meta, route, session_id):
+    """Import a whole session split over ``route``; all stages or none. Returns the Live record."""
+    install_stages(caches, meta, route, session_id)
+    live = cluster.live[session_id] = Live(session_id, list(route), list(meta.get("token_ids") or []), meta.get("pending_token"))
     return live
 
 
 def current_route(cluster):
     """The stages of the cluster's plan; without one (a fresh CLI process), its nodes as they are loaded."""
-    if cluster.plan_ is None:
-        return decode_route(cluster, [c.address for c in cluster.clients])
-    return [Stage(c, a.start, a.end) for c, a in zip(cluster.clients, cluster.plan_.assignments)]
+    m = cluster.membership
+    if m.plan is None:
+        return decode_route(cluster, [c.address for c in m.clients])
+    return [Stage(c, a.start, a.end) for c, a in zip(m.clients, m.plan.assignments)]
 
 
 def restore(cluster, path, session_id=None):
-    """Load a snapshot onto the cluster's current plan; returns the session id (resume it with ``cluster.resume``)."""
+    """Load a snapshot onto the cluster's current plan; returns ``(session id, Live, caches, meta)``."""
     caches, meta = session_io.load_snapshot(path, expect={"model": cluster.desc["identity"], "layers": (0, cluster.desc["num_layers"])})
     sid = session_id or meta["session_id"]
-    install(cluster, caches, meta, current_route(cluster), sid)
-    return sid
+    live = install(cluster, caches, meta, current_route(cluster), sid)
+    return sid, live, caches, meta
 
 
 def sessions(cluster):
     """Every session on the connected nodes: id, positions, bytes, and which node holds which layers."""
-    out = {}
-    for c in _clients(cluster):
-        try:
-            info = c.info()
-            held = c.sessions()
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE and c not in cluster.clients:
-                continue  # a migration target that has gone away holds nothing of ours
-            raise _failed("listing sessions", c, e) from None
-        for s in held:
-            row = out.setdefault(s.session_id, {"session_id": s.session_id, "offset": s.offset, "kv_bytes": 0, "stages": []})
-            row["kv_bytes"] += s.kv_bytes_used
-            row["stages"].append(
-                {"node": info.name, "address": c.address, "layers": [info.layer_start, info.layer_end],
-                 "kv_bytes": s.kv_bytes_used, "offset": s.offset, "next": s.next_address}
-            )
-    for row in out.values():
-        row["stages"].sort(key=lambda st: st["layers"][0])
-    return sorted(out.values(), key=lambda r: r["session_id"])
+    return list_sessions(cluster.membership)
 
 
 def replan(cluster, nodes, context=None, cache=None):
@@ -410,13 +370,11 @@ def replan(cluster, nodes, context=None, cache=None):
         for live in lives:
             _drop_quietly(live.route, live.session_id)
         clients = [connect(cluster, a) for a in nodes]
-        for c in _clients(cluster):
-            if c not in clients:
-                cluster.peers.setdefault(c.address, c)
-        cluster.clients = clients
+        m = cluster.membership
         try:
-            plan = cluster.plan(context=context or (cluster.plan_.context if cluster.plan_ else 4096), cache=cache)
-            cluster.load(plan)
+            prior = m.plan
+            plan = plan_over(clients, cluster.desc, cluster.model, context or (prior.context if prior else 4096), cache)
+            m.adopt(load_plan(clients, plan, cluster.desc, cluster.model), plan)
             for live, (caches, meta) in held:
                 installed = install(cluster, caches, meta, current_route(cluster), live.session_id)
                 live.route = installed.route

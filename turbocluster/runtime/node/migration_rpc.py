@@ -15,18 +15,19 @@ import grpc
 
 from ...kernels.format import FORMAT_VERSION
 from ...proto import turbo_pb2 as pb
+from ..cache import kinds
 from ..model import shard as stage
 from ..sessions import container as session_io
 from ..sessions.calls import send
 from ..sessions.container import SessionFormatError
-from ..sessions.store import SessionError
-from ..transport.errors import REASON_MOVE_WHOLE
-from ..sessions.transfer import TURBO_CLASS, append, chunks, export_session, import_session, receive, status_of
+from ..sessions.store import INBOUND_FACTOR, SessionError
+from ..transport.errors import REASON_MOVE_WHOLE, REASON_TOO_LARGE
+from ..sessions.transfer import append, chunks, export_session, import_session, receive, status_of
 
 
 def _refuse(error):
     """A SessionFormatError as the SessionError the servicer answers with."""
-    return SessionError(status_of(error), str(error))
+    return SessionError(status_of(error), str(error), REASON_TOO_LARGE if error.code == "TOO_LARGE" else None)
 
 
 def _held(node):
@@ -88,6 +89,14 @@ def _check_header(node, header, held):
         raise SessionError(
             "INVALID_ARGUMENT", f"header.total_bytes: expected {session_io.HEADER_BYTES}..{session_io.MAX_SESSION_BYTES}, found {header.total_bytes}"
         )
+    free = node.sessions.inbound_free(_staged_bytes(node))
+    if INBOUND_FACTOR * header.total_bytes > free:  # by the declared size, before a byte is buffered
+        raise SessionError(
+            "RESOURCE_EXHAUSTED",
+            f"header.total_bytes: a {header.total_bytes}-byte container does not fit the {max(free, 0)} free bytes "
+            f"of node {node.name}'s KV budget",
+            REASON_TOO_LARGE,
+        )
 
 
 def serve_import(node, messages):
@@ -117,25 +126,16 @@ def serve_import(node, messages):
 
     expect = {"model": node.desc["identity"], "layers": held, "num_tokens": header.num_tokens}
     staged = _staged(node)
+    _expire_staged(staged)
     try:
-        data = receive(pieces(), header.total_bytes)
-        if header.append:
-            with staged.lock:
-                session = staged.sessions.pop(header.session_id, None)
-            if session is None:
-                raise SessionError("FAILED_PRECONDITION", f"no staged session {header.session_id!r} to append to; stage it first")
-            node.run_on_model_thread(_append_delta, session, data, expect)
-            session.next_address = header.next_address
-        else:
-            with staged.lock:
-                staged.sessions.pop(header.session_id, None)  # a whole copy replaces a staged one
-            session = node.run_on_model_thread(
-                import_session, data, expect, node._kv_bytes, header.session_id, header.next_address
-            )
+        with node.sessions.inbound(header.total_bytes, _staged_bytes(node)):
+            data = receive(pieces(), header.total_bytes)
+            session = _rebuild(node, header, staged, data, expect)
     except SessionFormatError as e:
         raise _refuse(e) from e
     if header.stage:  # checked and built, held aside until its delta arrives
         with staged.lock:
+            session.staged_at = time.monotonic()
             staged.sessions[session.session_id] = session
             while len(staged.sessions) > MAX_STAGED:
                 staged.sessions.pop(next(iter(staged.sessions)))  # the oldest, never committed
@@ -144,7 +144,40 @@ def serve_import(node, messages):
     return node._session_info(session)
 
 
+def _rebuild(node, header, staged, data, expect):
+    """The session a received container makes (appended to its staged copy when ``header.append``)."""
+    if header.append:
+        with staged.lock:
+            session = staged.sessions.pop(header.session_id, None)
+        if session is None:
+            raise SessionError("FAILED_PRECONDITION", f"no staged session {header.session_id!r} to append to; stage it first")
+        node.run_on_model_thread(_append_delta, session, data, expect)
+        session.next_address = header.next_address
+    else:
+        with staged.lock:
+            staged.sessions.pop(header.session_id, None)  # a whole copy replaces a staged one
+        session = node.run_on_model_thread(
+            import_session, data, expect, node._kv_bytes, header.session_id, header.next_address
+        )
+    return session
+
+
 MAX_STAGED = 4  # staged (pre-copied, not yet committed) sessions a node keeps
+STAGED_TTL = 600.0  # seconds a staged copy waits for its delta before it is dropped
+
+
+def _staged_bytes(node):
+    """Bytes held by staged copies: they count against the KV budget like live sessions."""
+    staged = _staged(node)
+    with staged.lock:
+        return sum(s.kv_bytes_used() for s in staged.sessions.values())
+
+
+def _expire_staged(staged, now=None):
+    now = time.monotonic() if now is None else now
+    with staged.lock:
+        for sid in [k for k, s in staged.sessions.items() if now - getattr(s, "staged_at", now) > STAGED_TTL]:
+            del staged.sessions[sid]
 
 
 @dataclass
@@ -196,11 +229,11 @@ def _check_precopy(node, request):
     session = node.sessions.get(request.session_id)
     a, b = (request.layer_start, request.layer_end) if request.layer_end else held
     for c in session.caches[a - held[0] : b - held[0]]:
-        name = type(c).__name__
-        if not (name == "KVCache" or name == TURBO_CLASS and (c.compressed or c.offset == 0 and not c.quantized_start)):
+        kind = kinds.kind_of(c)
+        if not (kind == kinds.KV or kind == kinds.TURBO and (c.compressed or c.offset == 0 and not c.quantized_start)):
             raise SessionError(
                 "FAILED_PRECONDITION",
-                f"a {name} {'in its fp16 phase ' if name == TURBO_CLASS else ''}cannot be pre-copied; move it whole",
+                f"a {kind or type(c).__name__} {'in its fp16 phase ' if kind == kinds.TURBO else ''}cannot be pre-copied; move it whole",
                 REASON_MOVE_WHOLE,
             )
 

@@ -32,6 +32,7 @@ from ...proto import turbo_pb2_grpc as pb_grpc
 from . import migration_rpc, model_access
 from ..cache.factory import make_caches
 from ..cache.config import CacheConfig, CacheConfigError, kv_bytes
+from ..model import loader
 from ..model.loader import weights_bytes
 from ..model import shard as stage
 from ..transport import auth, errors, wire
@@ -268,10 +269,13 @@ class NodeServicer(pb_grpc.NodeServicer):
     def _kv_bytes(self, max_context, cache):
         """KV bytes this node's layers need for ``max_context`` positions (sliding layers capped at their window)."""
         d = self.desc
+        start, _, layers = stage.layer_range(self.model)
+        itemsize = 4 if loader.use_float32() else 2  # the activations' dtype is what float caches store
         total = 0
-        for w in stage.sliding_windows(self.model):
+        for i, w in enumerate(stage.sliding_windows(self.model), start):
             positions = min(max_context, w) if w else max_context
-            total += kv_bytes(1, d["num_kv_heads"], d["head_dim"], positions, cache)
+            layer_cache = {} if w else cache  # sliding-window layers stay float RotatingKVCaches under TurboQuant too
+            total += kv_bytes(1, d["num_kv_heads"], d["head_dim"], positions, layer_cache, itemsize, (i, i + 1), layers)
         return total
 
     def _need_model(self):

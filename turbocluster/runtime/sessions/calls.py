@@ -20,10 +20,10 @@ def send(client, header, data, chunk_bytes=wire.CHUNK_BYTES, pieces=None):
     return client.stub.ImportSession(messages(), metadata=client.metadata, timeout=TRANSFER_TIMEOUT)
 
 
-def fetch(client, session_id, layers=None, keep_prefill=False):
+def fetch(client, session_id, layers=None, keep_prefill=False, holder=""):
     """ExportSession from ``client``: ``(header, container bytes)``, every chunk checked."""
     a, b = layers or (0, 0)
-    request = pb.ExportSessionRequest(session_id=session_id, layer_start=a, layer_end=b, keep_prefill=keep_prefill)
+    request = pb.ExportSessionRequest(session_id=session_id, layer_start=a, layer_end=b, keep_prefill=keep_prefill, holder=holder)
     stream = client.stub.ExportSession(request, metadata=client._md(request), timeout=TRANSFER_TIMEOUT)
     first = next(stream, None)
     if first is None or not first.HasField("header"):
@@ -34,7 +34,7 @@ def fetch(client, session_id, layers=None, keep_prefill=False):
     return header, data
 
 
-def push(client, session_id, layers, target_address, next_address, target_session_id="", stage=False, from_token=0):
+def push(client, session_id, layers, target_address, next_address, target_session_id="", stage=False, from_token=0, holder=""):
     """PushSession on ``client``: its ``layers`` of the session go straight to ``target_address``.
 
     ``stage``: the target checks and holds the copy without serving it;
@@ -43,6 +43,7 @@ def push(client, session_id, layers, target_address, next_address, target_sessio
     request = pb.PushSessionRequest(
         session_id=session_id, layer_start=layers[0], layer_end=layers[1], target_address=target_address,
         next_address=next_address, target_session_id=target_session_id, stage=stage, from_token=from_token,
+        holder=holder,
     )
     return client._unary(client.stub.PushSession, request, TRANSFER_TIMEOUT)
 

@@ -18,17 +18,17 @@ imported or evaluated.
 """
 
 import hashlib
-import importlib
 import inspect
 import math
 import os
+import stat
 import tempfile
 
 import mlx.core as mx
 import msgpack
-from mlx_lm.models import cache as mlx_cache
-
 from ...kernels import turboquant as tq
+from ..cache import kinds
+from ..cache import turbo_cache as turbo
 from ..transport import wire
 
 CONTAINER_VERSION = 1
@@ -38,10 +38,9 @@ MAX_SESSION_BYTES = 1 << 34  # 16 GiB: a long context over many layers, not more
 MAX_DEPTH = 3  # state -> (keys, scales, biases) -> array: no cache nests deeper
 MAX_TOKEN_ID = 1 << 32
 
-TURBO_MODULE = "turbocluster.runtime.cache.turbo_cache"
-TURBO_CLASS = "TurboQuantKVCache"
-MLX_CLASSES = ("KVCache", "RotatingKVCache", "QuantizedKVCache", "ChunkedKVCache")
-ALLOWED_CLASSES = MLX_CLASSES + (TURBO_CLASS,)
+TURBO_CLASS = kinds.TURBO  # kept for callers that name the kind
+TURBO_MODULE = turbo.__name__  # kept for callers that import it
+ALLOWED_CLASSES = kinds.KINDS  # the registry's kind codes (``cache.kinds``)
 
 # Field kinds of each mlx-lm cache's ``state``, in order. ``kv`` is a float
 # (B, H, S, D) array, ``qkv`` the (words, scales, biases) of mx.quantize.
@@ -69,25 +68,18 @@ class SessionFormatError(ValueError):
     ``field`` names the offending part, e.g. ``meta.model`` or ``caches[3].state[0]``.
     """
 
-    def __init__(self, field, detail):
+    def __init__(self, field, detail, code=None):
         super().__init__(f"{field}: {detail}")
         self.field = field
+        self.code = code  # e.g. turbo_cache's STATE_VERSION, or TOO_LARGE: for control flow, never the text
 
 
 def cache_class(name, field="class"):
-    """The allow-listed cache class called ``name``; no other name is ever built."""
-    if name in MLX_CLASSES:
-        return getattr(mlx_cache, name)
-    if name == TURBO_CLASS:
-        # Imported lazily so this module does not depend on the cache at import time.
-        try:
-            module = importlib.import_module(TURBO_MODULE)
-        except ModuleNotFoundError as e:
-            if e.name != TURBO_MODULE:
-                raise
-            raise SessionFormatError(field, f"{name} needs {TURBO_MODULE}, which is not installed") from e
-        return getattr(module, name)
-    raise SessionFormatError(field, f"expected one of {list(ALLOWED_CLASSES)}, found {name!r}")
+    """The registered cache class of kind ``name`` (``cache.kinds``); no other is ever built."""
+    cls = kinds.class_of(name)
+    if cls is None:
+        raise SessionFormatError(field, f"expected one of {list(kinds.KINDS)}, found {name!r}")
+    return cls
 
 
 # -- meta -----------------------------------------------------------------
@@ -218,30 +210,36 @@ def _head(x, n):
 
 def _compact(name, state):
     """Drop the unused tail that mlx-lm preallocates, so it does not travel."""
-    if name in ("KVCache", "QuantizedKVCache") and state[0] is not None:
+    if name in (kinds.KV, kinds.QUANTIZED) and state[0] is not None:
         n = state[2]
         return (_head(state[0], n), _head(state[1], n), *state[2:])
     return state
 
 
-def _check_turbo(cls, state, where):
-    """TurboQuantKVCache: (k_packed, k_scales, v_packed, v_scales, keys, values, key_mean, offset, meta_state)."""
-    if len(state) != 9:
-        raise SessionFormatError(where, f"{cls.__name__} expects 9 fields, found {len(state)}")
-    *arrays, mean, offset, meta = state
-    if not isinstance(meta, tuple) or len(meta) != 6 or not all(isinstance(m, str) for m in meta):
-        raise SessionFormatError(f"{where}[8]", f"expected 6 strings (k_bits, v_bits, quantized_start, codebook, rotate_values, key_mean), found {meta!r}")
-    k_bits, v_bits, start, codebook, rotate, key_mean = meta
-    flags_ok = rotate in ("0", "1") and key_mean in ("0", "1")
-    if not flags_ok or not all(m.isdigit() and len(m) < 8 for m in (k_bits, v_bits, start)):
-        raise SessionFormatError(f"{where}[8]", f"expected decimal bits and start and 0/1 flags, found {meta!r}")
+def _check_turbo(cls, state, where, version=turbo.STATE_VERSION):
+    """TurboQuantKVCache: its named state (``turbo_cache.STATE_FIELDS``), checked field by field."""
+    try:
+        f = turbo.named_state(state, version)
+    except turbo.CacheStateError as e:
+        raise SessionFormatError(where, str(e), code=e.code) from e
+    at = lambda name: f"{where}[{turbo.state_position(name)}]"
+    meta, mean, offset = f["meta_state"], f["key_mean"], f["offset"]
+    if not isinstance(meta, tuple) or len(meta) != len(turbo.SETTINGS) or not all(isinstance(m, str) for m in meta):
+        raise SessionFormatError(at("meta_state"), f"expected {len(turbo.SETTINGS)} strings {turbo.SETTINGS}, found {meta!r}")
+    st = dict(zip(turbo.SETTINGS, meta))
+    flags_ok = st["rotate_values"] in ("0", "1") and st["key_mean"] in ("0", "1")
+    if not flags_ok or not all(st[k].isdigit() and len(st[k]) < 8 for k in ("k_bits", "v_bits", "quantized_start")):
+        raise SessionFormatError(at("meta_state"), f"expected decimal bits and start and 0/1 flags, found {meta!r}")
+    k_bits, v_bits = int(st["k_bits"]), int(st["v_bits"])
     try:  # the constructor is what knows the valid settings
-        cls(int(k_bits), int(v_bits), int(start), key_mean=key_mean == "1", codebook=codebook, rotate_values=rotate == "1")
+        cls(k_bits, v_bits, int(st["quantized_start"]), key_mean=st["key_mean"] == "1", codebook=st["codebook"], rotate_values=st["rotate_values"] == "1")
     except ValueError as e:
-        raise SessionFormatError(f"{where}[8]", str(e)) from e
+        raise SessionFormatError(at("meta_state"), str(e)) from e
     if not _is_int(offset) or offset < 0:
-        raise SessionFormatError(f"{where}[7]", f"expected offset as a non-negative int, found {offset!r}")
-    packed, floats = arrays[:4], arrays[4:]
+        raise SessionFormatError(at("offset"), f"expected offset as a non-negative int, found {offset!r}")
+    packed = [f[k] for k in turbo.PACKED_FIELDS]
+    floats = [f[k] for k in turbo.FLOAT_FIELDS]
+    arrays = packed + floats
     if all(a is None for a in arrays):
         if offset != 0 or mean is not None:
             raise SessionFormatError(where, f"an empty cache needs offset 0 and no key mean, found offset {offset}")
@@ -255,14 +253,14 @@ def _check_turbo(cls, state, where):
         if kp.dtype != mx.uint32 or vp.dtype != mx.uint32 or ks.dtype != mx.float16 or vs.dtype != mx.float16:
             raise SessionFormatError(where, "expected uint32 packed words and float16 scales")
         try:
-            k_dim = tq.dim_from_words(kp.shape[3], int(k_bits))
-            tq.dim_from_words(vp.shape[3], int(v_bits))
+            k_dim = tq.dim_from_words(kp.shape[3], k_bits)
+            tq.dim_from_words(vp.shape[3], v_bits)
         except ValueError as e:
             raise SessionFormatError(where, str(e)) from e
         if mean is not None and (
             not isinstance(mean, mx.array) or mean.dtype != mx.float16 or mean.shape != (*kp.shape[:2], 1, k_dim)
         ):
-            raise SessionFormatError(f"{where}[6]", f"expected a float16 key mean of shape {(*kp.shape[:2], 1, k_dim)}")
+            raise SessionFormatError(at("key_mean"), f"expected a float16 key mean of shape {(*kp.shape[:2], 1, k_dim)}")
         return
     if all(a is None for a in packed) and mean is None:
         _check_kv((*floats, offset), ("kv", "kv", "offset"), where)
@@ -272,16 +270,16 @@ def _check_turbo(cls, state, where):
     raise SessionFormatError(where, "expected either the packed arrays or the float keys and values, not both or a mix")
 
 
-def _check_cache(cls, state, meta_state, where):
+def _check_cache(cls, state, meta_state, where, version=turbo.STATE_VERSION):
     if not isinstance(meta_state, (list, tuple)) or not all(isinstance(s, str) for s in meta_state):
         raise SessionFormatError(f"{where}.meta_state", "expected a list of strings")
-    name = cls.__name__
-    if name == TURBO_CLASS:
-        return _check_turbo(cls, state, f"{where}.state")
-    kinds = _LAYOUTS[name]
-    if len(state) != len(kinds):
-        raise SessionFormatError(f"{where}.state", f"{name} expects {len(kinds)} fields {kinds}, found {len(state)}")
-    _check_kv(state, kinds, f"{where}.state")
+    name = kinds.kind_of_class(cls)
+    if name == kinds.TURBO:
+        return _check_turbo(cls, state, f"{where}.state", version)
+    layout = _LAYOUTS[name]
+    if len(state) != len(layout):
+        raise SessionFormatError(f"{where}.state", f"{name} expects {len(layout)} fields {layout}, found {len(state)}")
+    _check_kv(state, layout, f"{where}.state")
 
 
 def _check_offset(cache, num_tokens, where):
@@ -357,13 +355,14 @@ def pack_session(caches, meta):
     are added here. The caches are checked as the receiver will check them.
     """
     meta = _check_meta({"container_version": CONTAINER_VERSION, "format_version": tq.FORMAT_VERSION, **meta})
+    meta["cache_state_version"] = turbo.STATE_VERSION
     start, end = meta["layers"]
     if len(caches) != end - start:
         raise SessionFormatError("caches", f"expected {end - start} caches for layers {start}..{end}, found {len(caches)}")
     entries = []
     for i, c in enumerate(caches):
-        where, name = f"caches[{i}]", type(c).__name__
-        if cache_class(name, f"{where}.class") is not type(c):
+        where, name = f"caches[{i}]", kinds.kind_of(c)
+        if name is None:
             raise SessionFormatError(f"{where}.class", f"expected one of {list(ALLOWED_CLASSES)}, found {type(c)}")
         state = _compact(name, tuple(c.state))
         meta_state = list(getattr(c, "meta_state", None) or ())
@@ -407,6 +406,7 @@ def unpack_session(data, expect=None):
     meta = _check_meta(doc["meta"])
     check_expected(meta, expect)
     entries = doc["caches"]
+    version = meta.get("cache_state_version", turbo.STATE_VERSION)  # containers before the field held version 1
     start, end = meta["layers"]
     if not isinstance(entries, list) or len(entries) != end - start:
         found = len(entries) if isinstance(entries, list) else type(entries).__name__
@@ -423,7 +423,7 @@ def unpack_session(data, expect=None):
         if not isinstance(state, list):
             raise SessionFormatError(f"{where}.state", f"expected a list, found {type(state).__name__}")
         state = list(_decode(state, f"{where}.state"))
-        _check_cache(cls, state, meta_state, where)
+        _check_cache(cls, state, meta_state, where, version)
         cache = _build(cls, state, tuple(meta_state), where)
         _check_offset(cache, meta["num_tokens"], where)
         caches.append(cache)
@@ -473,10 +473,18 @@ def save_snapshot(path, caches, meta):
 
 
 def load_snapshot(path, expect=None, max_bytes=MAX_SESSION_BYTES):
-    """``(caches, meta)`` from a snapshot written by ``save_snapshot``."""
-    size = os.path.getsize(path)
-    if size > max_bytes:
-        raise SessionFormatError("container", f"snapshot {path} is {size} bytes, over the {max_bytes}-byte cap")
+    """``(caches, meta)`` from a snapshot written by ``save_snapshot``.
+
+    The size is checked before anything is read, and the read itself is capped:
+    a device or pipe (``/dev/zero``) is refused, never read until memory runs out.
+    """
     with open(path, "rb") as f:
-        data = f.read()
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise SessionFormatError("container", f"snapshot {path} is not a regular file", code="TOO_LARGE")
+        if st.st_size > max_bytes:
+            raise SessionFormatError("container", f"snapshot {path} is {st.st_size} bytes, over the {max_bytes}-byte cap", code="TOO_LARGE")
+        data = f.read(st.st_size + 1)
+    if len(data) > st.st_size:
+        raise SessionFormatError("container", f"snapshot {path} grew while it was read", code="TOO_LARGE")
     return unpack_session(data, expect)

@@ -5,12 +5,18 @@ here; only the model thread touches a session's caches. Export and import of
 packed KV (next issue) belong here too: they read and replace ``Session.caches``.
 """
 
+import contextlib
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from ..transport.errors import REASON_TOO_LARGE
+
 MAX_EXPIRED = 4096  # expired ids remembered for the NOT_FOUND message
+# Peak bytes while one inbound container is parsed, per container byte: the
+# received bytes, msgpack's copies of its arrays, and the rebuilt mx.arrays.
+INBOUND_FACTOR = 3
 
 
 class SessionError(Exception):
@@ -52,12 +58,43 @@ class SessionStore:
         self.budget_bytes = budget_bytes  # bytes available for KV (memory budget minus weights)
         self.ttl = 0.0  # seconds idle before ``expire`` frees a session; 0 = never
         self._sessions = {}
+        self._inbound = 0  # bytes held by containers being received and parsed right now
         self._expired = {}  # ids freed by ``expire`` (the most recent MAX_EXPIRED), so lookups can say so
         self._lock = threading.Lock()
 
     def reserved(self):
         with self._lock:
             return sum(s.kv_bytes_reserved for s in self._sessions.values())
+
+    def inbound_free(self, held=0):
+        """KV budget bytes not reserved by sessions, in-flight imports or ``held`` (e.g. staged copies)."""
+        with self._lock:
+            return self.budget_bytes - sum(s.kv_bytes_reserved for s in self._sessions.values()) - self._inbound - held
+
+    @contextlib.contextmanager
+    def inbound(self, container_bytes, held=0, what="session container"):
+        """Count an inbound container of ``container_bytes`` against the budget while it is parsed.
+
+        Refused with RESOURCE_EXHAUSTED (reason REASON_TOO_LARGE) before a byte
+        of it is buffered when its peak (``INBOUND_FACTOR`` x its size) does not fit.
+        """
+        need = INBOUND_FACTOR * container_bytes
+        with self._lock:
+            used = sum(s.kv_bytes_reserved for s in self._sessions.values()) + self._inbound + held
+            free = self.budget_bytes - used
+            if need > free:
+                raise SessionError(
+                    "RESOURCE_EXHAUSTED",
+                    f"a {container_bytes}-byte {what} needs {need} bytes to parse but only {max(free, 0)} "
+                    f"of the {self.budget_bytes}-byte KV budget are free",
+                    REASON_TOO_LARGE,
+                )
+            self._inbound += need
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inbound -= need
 
     def add(self, session):
         """Insert ``session`` if its id is free and its reservation fits the budget."""

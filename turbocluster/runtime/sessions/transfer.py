@@ -17,6 +17,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from ..cache import kinds
 from ..transport import wire
 from . import container as session_io
 from .container import SessionFormatError
@@ -41,6 +42,10 @@ def status_of(error):
     if isinstance(error, SessionError):
         return error.code
     if isinstance(error, SessionFormatError):
+        if error.code == "TOO_LARGE":
+            return "RESOURCE_EXHAUSTED"
+        if error.code == "STATE_VERSION":
+            return "FAILED_PRECONDITION"
         if error.field in _DAMAGED:
             return "DATA_LOSS"
         if error.field in _MISMATCH:
@@ -58,7 +63,7 @@ def compress(cache):
     itself would have encoded them on crossing ``quantized_start``; the source
     is not touched, so a failed transfer leaves it serving as before.
     """
-    if type(cache).__name__ != TURBO_CLASS or cache.compressed or cache.offset == 0:
+    if not kinds.is_turbo(cache) or cache.compressed or cache.offset == 0:
         return cache
     out = type(cache)(cache.k_bits, cache.v_bits)
     out.meta_state = cache.meta_state  # every setting, whatever the class grows
@@ -120,21 +125,21 @@ def delta(caches, start):
 
     out = []
     for c in caches:
-        name, n = type(c).__name__, c.offset - start
-        if name == "KVCache":
+        kind, n = kinds.kind_of(c), c.offset - start
+        if kind == kinds.KV:
             d = KVCache()
             if n:
                 d.update_and_fetch(c.keys[..., start : c.offset, :], c.values[..., start : c.offset, :])
-        elif name == TURBO_CLASS and (c.compressed or not n):
+        elif kind == kinds.TURBO and (c.compressed or not n):
             d = type(c)(c.k_bits, c.v_bits)
             d.meta_state = c.meta_state
             if n:
-                st = list(c.state)  # packed words and scales first, offset second to last
-                st[:4] = [a[..., start:, :] for a in st[:4]]
-                st[-2] = n
-                d.state = tuple(st)
+                f = c.state_fields()
+                f.update({k: f[k][..., start:, :] for k in c.PACKED_FIELDS}, offset=n)
+                d.set_fields(f)
         else:
-            raise SessionError("FAILED_PRECONDITION", f"a {name}{'' if name != TURBO_CLASS else ' in its fp16 phase'} cannot be sent as a delta; move it whole")
+            phase = " in its fp16 phase" if kind == kinds.TURBO else ""
+            raise SessionError("FAILED_PRECONDITION", f"a {kind or type(c).__name__}{phase} cannot be sent as a delta; move it whole")
         out.append(d)
     return out
 
@@ -147,13 +152,12 @@ def append(caches, tail):
         n = d.offset
         if not n:
             continue
-        if type(c).__name__ == "KVCache":
+        if kinds.kind_of(c) == kinds.KV:
             c.update_and_fetch(d.keys[..., :n, :], d.values[..., :n, :])
         else:
-            st, add = list(c.state), list(d.state)
-            st[:4] = [mx.concatenate([a, b], axis=2) for a, b in zip(st[:4], add[:4])]
-            st[-2] = c.offset + n
-            c.state = tuple(st)
+            f, add = c.state_fields(), d.state_fields()
+            f.update({k: mx.concatenate([f[k], add[k]], axis=2) for k in c.PACKED_FIELDS}, offset=c.offset + n)
+            c.set_fields(f)
 
 
 def chunks(data, size=wire.CHUNK_BYTES):
@@ -172,10 +176,20 @@ def receive(chunks, total_bytes, max_bytes=session_io.MAX_SESSION_BYTES):
     """
     if type(total_bytes) is not int or not session_io.HEADER_BYTES <= total_bytes <= max_bytes:
         raise SessionFormatError("total_bytes", f"expected {session_io.HEADER_BYTES}..{max_bytes}, found {total_bytes!r}")
-    try:
-        return wire.join_chunks(chunks, total_bytes, max_bytes=total_bytes)
-    except wire.WireError as e:
-        raise SessionFormatError("stream", str(e)) from e
+    buf = bytearray(total_bytes)  # the declared size, already checked against the node's budget by the caller
+    view, size = memoryview(buf), 0
+    for expected_index, (index, piece, crc) in enumerate(chunks):
+        if index != expected_index:
+            raise SessionFormatError("stream", f"chunk {index} arrived where chunk {expected_index} was expected")
+        if size + len(piece) > total_bytes:  # counted as it arrives: a body larger than announced stops here
+            raise SessionFormatError("stream", f"the stream passes its announced {total_bytes} bytes at chunk {index}", code="TOO_LARGE")
+        if wire.checksum(piece) != crc:
+            raise SessionFormatError("stream", f"chunk {index} failed its checksum")
+        view[size : size + len(piece)] = piece
+        size += len(piece)
+    if size != total_bytes:
+        raise SessionFormatError("stream", f"stream announced {total_bytes} bytes, got {size}")
+    return buf
 
 
 def _check_extras(meta, max_context_limit):

@@ -120,8 +120,11 @@ class NodeClient:
             raise RuntimeError(f"node {self.address} ended LoadLayers without a done message")
         return last.info
 
-    def create_session(self, session_id, max_context, cache=None, next_address="", temperature=0.0, top_p=0.0, seed=None):
-        sampling = pb.Sampling(temperature=temperature, top_p=top_p)
+    def create_session(
+        self, session_id, max_context, cache=None, next_address="", temperature=0.0, top_p=0.0, seed=None, **sampling
+    ):
+        """CreateSession; ``sampling`` takes the other ``pb.Sampling`` fields (top_k, min_p, repetition_penalty, ...)."""
+        sampling = pb.Sampling(temperature=temperature, top_p=top_p, **sampling)
         if seed is not None:
             sampling.seed = seed
         request = pb.CreateSessionRequest(
@@ -133,17 +136,33 @@ class NodeClient:
         )
         return self._unary(self.stub.CreateSession, request)
 
-    def forward(self, session_id, tokens=None, hidden=None, want=pb.TOKEN, timeout=None):
-        """One step with token ids or an mx.array hidden state (made on the calling thread)."""
+    def forward(
+        self, session_id, tokens=None, hidden=None, want=pb.TOKEN, timeout=None, expected_position=None, step_id="",
+        holder="",
+    ):
+        """One step with token ids or an mx.array hidden state (made on the calling thread).
+
+        ``expected_position``: the offset every stage must hold before the step (else
+        FAILED_PRECONDITION, reason ``position-mismatch``, nothing applied); ``step_id``: an
+        idempotency key (a retry of an applied step returns its recorded reply); ``holder``:
+        the session lock's holder, when the caller holds it.
+        """
         if tokens is not None:
-            request = pb.ForwardRequest(session_id=session_id, want=want)
+            request = _step_request(session_id, want, expected_position, step_id, holder)
             request.tokens.ids.extend(tokens)
             return self._unary(self.stub.Forward, request, timeout or FORWARD_TIMEOUT)
-        return self.forward_tensor(session_id, *wire.to_proto(hidden, with_data=False), want, timeout=timeout)
+        t, raw = wire.to_proto(hidden, with_data=False)
+        return self.forward_tensor(
+            session_id, t, raw, want, timeout=timeout, expected_position=expected_position, step_id=step_id, holder=holder
+        )
 
-    def forward_tensor(self, session_id, t, raw, want=pb.TOKEN, timeout=None):
+    def forward_tensor(
+        self, session_id, t, raw, want=pb.TOKEN, timeout=None, expected_position=None, step_id="", holder="", context_ids=None,
+    ):
         """One step with a serialised hidden state; payloads above CHUNK_BYTES go by ForwardStream."""
-        request = pb.ForwardRequest(session_id=session_id, want=want)
+        request = _step_request(session_id, want, expected_position, step_id, holder)
+        if context_ids:
+            request.context_ids.ids.extend(context_ids)
         if len(raw) <= wire.CHUNK_BYTES:
             t.data = raw
             request.hidden.CopyFrom(t)
@@ -157,8 +176,22 @@ class NodeClient:
 
         return self.stub.ForwardStream(messages(), metadata=self.metadata, timeout=timeout or FORWARD_TIMEOUT)
 
-    def trim(self, session_id, count, timeout=None):
-        return self._unary(self.stub.Trim, pb.TrimRequest(session_id=session_id, count=count), timeout)
+    def trim(self, session_id, count, timeout=None, holder=""):
+        return self._unary(self.stub.Trim, pb.TrimRequest(session_id=session_id, count=count, holder=holder), timeout)
+
+    def lock_session(self, session_id, holder, ttl_s, timeout=None):
+        """Lock the session for ``holder`` for ``ttl_s`` seconds (renews if held); waits for a step in flight.
+
+        Others' Forward/Trim/Export/Push are then refused ABORTED (reason ``session-locked``).
+        Returns LockSessionReply; ABORTED ``session-locked`` if another holder has it.
+        """
+        request = pb.LockSessionRequest(session_id=session_id, holder=holder, ttl_s=ttl_s)
+        return self._unary(self.stub.LockSession, request, timeout)
+
+    def unlock_session(self, session_id, holder, timeout=None):
+        """Release ``holder``'s lock on the session (a no-op if it is not locked)."""
+        request = pb.LockSessionRequest(session_id=session_id, holder=holder, unlock=True)
+        return self._unary(self.stub.LockSession, request, timeout)
 
     def drop(self, session_id, timeout=None):
         return self._unary(self.stub.DropSession, pb.DropSessionRequest(session_id=session_id), timeout)
@@ -169,3 +202,10 @@ class NodeClient:
     def close(self):
         self.channel.close()
 
+
+
+def _step_request(session_id, want, expected_position, step_id, holder):
+    request = pb.ForwardRequest(session_id=session_id, want=want, step_id=step_id or "", holder=holder or "")
+    if expected_position is not None:
+        request.expected_position = expected_position
+    return request

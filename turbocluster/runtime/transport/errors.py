@@ -43,6 +43,10 @@ def status_name(e: BaseException) -> str:
 REASON_KEY = "turbo-reason"
 REASON_HANDSHAKE = "handshake"  # no valid handshake for this node's current model: handshake again
 REASON_MOVE_WHOLE = "move-whole"  # these caches cannot be pre-copied: move them whole, inside the pause
+REASON_POSITION = "position-mismatch"  # a stage's offset is not the step's expected_position: nothing applied
+REASON_LOCKED = "session-locked"  # another holder has the session locked (LockSession): retry after it
+REASON_NON_FINITE = "non-finite"  # a hidden state held NaN or Inf: refused, nothing applied
+REASON_TOO_LARGE = "too-large"  # an inbound container, stream or staged copy would pass the node's memory budget
 
 
 def abort(context, code: grpc.StatusCode, message: str, reason: Optional[str] = None):
