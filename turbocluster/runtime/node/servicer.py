@@ -22,13 +22,13 @@ import mlx.core as mx
 from ...kernels.turboquant import FORMAT_VERSION
 from ...proto import turbo_pb2 as pb
 from ...proto import turbo_pb2_grpc as pb_grpc
-from . import migration_rpc, steps
+from . import migration_rpc, model_access, steps
 from ..cache.factory import make_caches
 from ..cache.config import CacheConfig, CacheConfigError
 from ..model import sampling
 from ..model.loader import weights_bytes
 from ..model import shard as stage
-from ..transport import errors, wire
+from ..transport import auth, errors, wire
 from ..transport.client import MD_COMPAT, MD_PROTOCOL, MD_TOKEN, NodeClient
 from ..sessions.store import Session, SessionStore
 from .gate import Refused, rpc as _rpc, rpc_stream as _rpc_stream
@@ -48,6 +48,7 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     def __init__(self, name=None, memory_budget=None, secret=None, session_ttl=DEFAULT_SESSION_TTL, tls=None):
         self.secret = secret  # cluster secret (auth.py); also used to call the next node
+        self.models_dir = None  # LoadLayers opens only models under it when set (model_access.py)
         self.tls = tls  # {"cert", "key", "ca"} PEM paths when serving TLS; also used to call the next node
         self.node_id = uuid.uuid4().hex[:12]
         self.name = name or socket.gethostname().split(".")[0]
@@ -140,6 +141,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             while len(self.tokens) > MAX_TOKENS:  # oldest first: dicts keep insertion order
                 del self.tokens[next(iter(self.tokens))]
         return pb.HandshakeReply(
+            node_id=self.node_id,
+            node_proof=auth.node_proof(self.secret, request.challenge, self.node_id) if self.secret else "",
             token=token,
             protocol_version=wire.PROTOCOL_VERSION,
             format_version=FORMAT_VERSION,
@@ -190,9 +193,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         md = dict(context.invocation_metadata())
         with self._lock:
             bound = self.tokens.get(md.get(MD_TOKEN))
-        model_arg = request.model or None
         yield pb.LoadProgress(fraction=0.0, stage="describe", message=f"describing {request.model or 'default model'}")
-        desc = loader.describe(model_arg)
+        model_arg, desc = model_access.describe(loader, request.model, self.models_dir)
         n = desc["num_layers"]
         start, end = request.layer_start, request.layer_end
         if not 0 <= start < end <= n:
