@@ -68,18 +68,41 @@ def test_wrong_secret_is_unauthenticated(channel):
 
 def test_replayed_expired_or_moved_credentials_are_refused(channel):
     echo = channel.unary_unary(ECHO)
-    cred = auth.make_credential(SECRET, ECHO)
+    body = auth.body_digest(b"x")
+    cred = auth.make_credential(SECRET, ECHO, body=body)
     assert echo(b"x", metadata=[(auth.HEADER, cred)], timeout=5) == b"x"
     code, details = status_of(lambda: echo(b"x", metadata=[(auth.HEADER, cred)], timeout=5))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "replay" in details
 
-    old = auth.make_credential(SECRET, ECHO, now=time.time() - 120)
+    old = auth.make_credential(SECRET, ECHO, now=time.time() - 120, body=body)
     code, details = status_of(lambda: echo(b"x", metadata=[(auth.HEADER, old)], timeout=5))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "old" in details
 
-    other = auth.make_credential(SECRET, STREAM)  # a credential is bound to its method
+    other = auth.make_credential(SECRET, STREAM, body=body)  # a credential is bound to its method
     code, _ = status_of(lambda: echo(b"x", metadata=[(auth.HEADER, other)], timeout=5))
     assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_credential_is_bound_to_body_and_target(channel):
+    echo = channel.unary_unary(ECHO)
+    cred = auth.make_credential(SECRET, ECHO, body=auth.body_digest(b"pay 1"))
+    with pytest.raises(grpc.RpcError) as e:
+        echo(b"pay 1000", metadata=[(auth.HEADER, cred)], timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert dict(e.value.trailing_metadata())["turbo-reason"] == auth.REASON_BODY
+    cred = auth.make_credential(SECRET, ECHO, target="another-node", body=auth.body_digest(b"x"))
+    with pytest.raises(grpc.RpcError) as e:
+        echo(b"x", metadata=[(auth.HEADER, cred)], timeout=5)
+    assert dict(e.value.trailing_metadata())["turbo-reason"] == auth.REASON_TARGET
+
+
+def test_nonce_cache_is_bounded_and_refuses_when_full():
+    now = [1000.0]
+    v = auth.Verifier(SECRET, max_skew=30, clock=lambda: now[0], max_nonces=3)
+    creds = [auth.make_credential(SECRET, ECHO, now=now[0]) for _ in range(4)]
+    assert [v.check(ECHO, [(auth.HEADER, c)])[0] for c in creds[:3]] == [None] * 3
+    assert v.check(ECHO, [(auth.HEADER, creds[3])])[0][1] == auth.REASON_BUSY
+    assert len(v._nonces) == 3
 
 
 def test_health_check_needs_no_credential(channel):
@@ -94,6 +117,7 @@ def test_verifier_bounds_clock_skew_both_ways():
         cred = auth.make_credential(SECRET, ECHO, now=now[0] + delta)
         assert (v.refusal(ECHO, [(auth.HEADER, cred)]) is None) == ok
     assert "must look like" in v.refusal(ECHO, [(auth.HEADER, "v1:1:2:3")])
+    assert "must look like" in v.refusal(ECHO, [(auth.HEADER, "v2:1:2:3")])
 
 
 def test_aio_server_and_client_interceptors():

@@ -73,34 +73,40 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("protocol_version", "format_version", "model_identity", "compat_hash", "client_name", "will_load")
+    __slots__ = ("protocol_version", "format_version", "model_identity", "compat_hash", "client_name", "will_load", "challenge")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     WILL_LOAD_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     format_version: int
     model_identity: str
     compat_hash: str
     client_name: str
     will_load: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., format_version: _Optional[int] = ..., model_identity: _Optional[str] = ..., compat_hash: _Optional[str] = ..., client_name: _Optional[str] = ..., will_load: _Optional[bool] = ...) -> None: ...
+    challenge: str
+    def __init__(self, protocol_version: _Optional[int] = ..., format_version: _Optional[int] = ..., model_identity: _Optional[str] = ..., compat_hash: _Optional[str] = ..., client_name: _Optional[str] = ..., will_load: _Optional[bool] = ..., challenge: _Optional[str] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("token", "protocol_version", "format_version", "compat_hash", "info")
+    __slots__ = ("token", "protocol_version", "format_version", "compat_hash", "info", "node_proof", "node_id")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
+    NODE_PROOF_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     token: str
     protocol_version: int
     format_version: int
     compat_hash: str
     info: NodeInfo
-    def __init__(self, token: _Optional[str] = ..., protocol_version: _Optional[int] = ..., format_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., info: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
+    node_proof: str
+    node_id: str
+    def __init__(self, token: _Optional[str] = ..., protocol_version: _Optional[int] = ..., format_version: _Optional[int] = ..., compat_hash: _Optional[str] = ..., info: _Optional[_Union[NodeInfo, _Mapping]] = ..., node_proof: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -20,6 +20,9 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 # Subcommands owned by other modules: name -> (add(subparsers), run(args) -> int). E.g. `turbo-node secret`.
 COMMANDS = {}
+from .secret import add_command as _add_secret, run as _run_secret  # noqa: E402  (turbo-node secret)
+
+COMMANDS["secret"] = (_add_secret, _run_secret)
 
 
 def version() -> str:
@@ -76,10 +79,8 @@ def secret(args) -> Optional[str]:
     """The cluster secret from $TURBO_CLUSTER_SECRET or --secret-file, else None (no auth)."""
     from ..transport import auth
 
-    if not (args.secret_file or os.environ.get(auth.ENV_SECRET)):
-        return None
     try:
-        return auth.load_or_create_secret(args.secret_file)
+        return auth.find_secret(args.secret_file)  # also $TURBO_SECRET_FILE and the default file when present
     except (ValueError, OSError) as e:
         raise UsageError(f"{e}; make one with: python -c 'import secrets; print(secrets.token_hex(32))'") from None
 
@@ -138,6 +139,8 @@ def parser() -> argparse.ArgumentParser:
     tls_args(serve, server=True)
     serve.add_argument("--session-ttl", type=float, default=1800.0, metavar="SECONDS",
                        help="free a session idle for this long (default 1800; 0 = never)")
+    serve.add_argument("--models-dir", default=None, help="LoadLayers may open only models under this folder "
+                       "(symlinks resolved; hub ids refused)")
     serve.add_argument("--faults", default=None, help="inject faults for testing, e.g. drop:7,delay:5:0.2,corrupt:11 "
                        "(also $TURBO_FAULTS; see turbocluster/runtime/transport/faults.py)")
     for add, _ in COMMANDS.values():
@@ -165,7 +168,7 @@ def serve(args) -> int:
     from ..node.server import serve as run
 
     run(args.host, args.port, args.model, args.layers, args.memory_budget, args.name, not args.no_advertise, key,
-        session_ttl=args.session_ttl, tls=transport, faults=injected)
+        session_ttl=args.session_ttl, tls=transport, faults=injected, models_dir=args.models_dir)
     return 0
 
 

@@ -29,7 +29,7 @@ import grpc
 
 from ..transport import auth
 from ..transport import discovery
-from ..transport.client import NodeClient
+from ..transport.client import NodeClient, NodeNotAuthenticated
 from ..transport.errors import ClusterError, from_rpc
 from . import failover
 from . import migration
@@ -221,7 +221,16 @@ class Cluster:
                 try:
                     clients.append(NodeClient(a, desc["identity"], will_load=True, secret=secret, tls=tls))
                 except grpc.RpcError as e:
+                    if nodes is None and not local and e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        log(f"skipped discovered node {a}: it does not share this cluster's secret")
+                        continue
                     raise from_rpc("", a, e) from None
+                except NodeNotAuthenticated as e:  # a rogue advertiser: never used, never sent anything
+                    if nodes is not None or local:
+                        raise
+                    log(f"refused discovered {e}")
+            if not clients:
+                raise ClusterError("no discovered node proved it holds the cluster secret", grpc.StatusCode.UNAUTHENTICATED)
         except BaseException:
             for c in clients:
                 c.close()

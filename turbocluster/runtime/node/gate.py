@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..sessions.store import SessionError
-from ..transport import errors, handlers, wire
+from ..transport import auth, errors, handlers, wire
 from ..transport.client import MD_CRC
 
 _CRC = re.compile(r"[0-9]{1,10}")
@@ -46,7 +46,7 @@ class Gate(grpc.ServerInterceptor):
         return _checked(handler, md.get(MD_CRC))
 
 
-class _Bad:
+class _Bad(auth.Rejected):
     """Stands in for a request body that did not match its checksum or did not parse."""
 
     def __init__(self, code, why):

@@ -8,7 +8,6 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from mlx.utils import tree_flatten
 
 from ...kernels.format import FORMAT_VERSION
 from ...proto import turbo_pb2 as pb
@@ -25,7 +24,7 @@ def make_server(servicer, host="127.0.0.1", port=0, max_workers=16, faults=None)
     With ``servicer.secret`` set, every call but health checks must carry an
     ``auth.py`` credential (UNAUTHENTICATED otherwise), checked before the handshake gate.
     """
-    gates = ([auth.AuthInterceptor(servicer.secret)] if servicer.secret else []) + [Gate(servicer)]
+    gates = ([auth.AuthInterceptor(servicer.secret, identity=servicer.node_id)] if servicer.secret else []) + [Gate(servicer)]
     if faults:  # outermost, so a corrupted body meets the checksum as a bad link's would
         from ..transport.faults import FaultInterceptor
 
@@ -56,29 +55,31 @@ def make_server(servicer, host="127.0.0.1", port=0, max_workers=16, faults=None)
 
 def serve(
     host="127.0.0.1", port=0, model=None, layers=None, memory_budget=None, name=None, advertise=True, secret=None,
-    session_ttl=DEFAULT_SESSION_TTL, tls=None, faults=None,
+    session_ttl=DEFAULT_SESSION_TTL, tls=None, faults=None, models_dir=None,
 ):
     """Run a node until SIGINT/SIGTERM: load ``layers`` of ``model`` if given, serve, advertise, withdraw.
 
     ``tls`` is ``{"cert", "key", "ca"}`` (PEM paths; with ``ca``, clients need a certificate it
     signed); ``faults`` (faults.parse) injects failures for tests and must be asked for explicitly.
+    A non-loopback ``host`` needs a ``secret`` (SystemExit with how to make one otherwise);
+    ``models_dir`` confines LoadLayers to models under it (model_access.py).
     """
-    warning = auth.warn_if_exposed(host, secret)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    refusal = auth.exposure_error(host, secret)
+    if refusal:
+        raise SystemExit(f"turbo-node: {refusal}")
     if faults:
         print(f"warning: fault injection is on: {faults}", file=sys.stderr, flush=True)
     servicer = NodeServicer(name=name, memory_budget=memory_budget, secret=secret, session_ttl=session_ttl, tls=tls)
-    if layers is not None:
-        from ..model import loader
+    servicer.models_dir = models_dir
+    if models_dir is not None and layers is not None:
+        from .model_access import resolve
 
-        desc = loader.describe(model)
-        m = servicer.run_on_model_thread(servicer._load, loader, model, *layers)
-        servicer.model, servicer.desc = m, desc
-        servicer.weights_bytes = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
-        servicer.compat = wire.compat_hash(desc["identity"])
-        servicer.sessions.budget_bytes = servicer.memory_budget - servicer.weights_bytes
-        servicer._progress(pb.READY, 1.0, f"layers {layers[0]}:{layers[1]} of {desc['name']} ready")
+        try:
+            model = resolve(model, models_dir)
+        except Exception as e:
+            raise SystemExit(f"turbo-node: {e}") from None
+    if layers is not None:
+        servicer.host.load(model, *layers)
     server, bound = make_server(servicer, host, port, faults=faults)
     mode = ("authenticated" if secret else "no auth") + (", TLS" if tls else "")
     print(f"turbo-node {servicer.name} ({servicer.node_id}) serving on {host}:{bound} ({mode})", flush=True)

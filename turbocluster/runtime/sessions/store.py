@@ -41,6 +41,10 @@ class Session:
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)  # for the idle-session reaper
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    holder: str = ""  # who holds the session's LockSession lock; empty = unlocked
+    holder_expires: float = 0.0  # time.monotonic() when that lock lapses
+    last_step: object = None  # node/steps.py's record of the last step applied (idempotency)
+    history: list = field(default_factory=list, repr=False)  # recent input token ids (last node's logits processors)
 
     @property
     def offset(self):

@@ -12,12 +12,12 @@ thread (``node/migration_rpc.py``), the cluster uses merge/split for snapshots
 (``cluster/migration.py``).
 """
 
-import math
 
 import mlx.core as mx
 import numpy as np
 
 from ..cache import kinds
+from ..model.sampling import SamplingError, check as check_sampling
 from ..transport import wire
 from . import container as session_io
 from .container import SessionFormatError
@@ -199,16 +199,16 @@ def _check_extras(meta, max_context_limit):
     if type(mc) is not int or not max(n, 1) <= mc <= max_context_limit:
         raise SessionFormatError("meta.max_context", f"expected an int in {max(n, 1)}..{max_context_limit}, found {mc!r}")
     sampling = meta.get("sampling") or {}
-    t = sampling.get("temperature", 0.0) if isinstance(sampling, dict) else None
-    p = sampling.get("top_p", 0.0) if isinstance(sampling, dict) else None
-    if not (isinstance(t, (int, float)) and isinstance(p, (int, float)) and math.isfinite(t) and t >= 0 and 0 <= p <= 1):
-        raise SessionFormatError("meta.sampling", f"expected {{temperature >= 0, 0 <= top_p <= 1}}, found {sampling!r}")
+    try:  # every mlx-lm sampler setting travels with the session (model/sampling.py checks them)
+        sampling = check_sampling(sampling if isinstance(sampling, dict) else {"": sampling})
+    except SamplingError as e:
+        raise SessionFormatError("meta.sampling", f"{e}; found {meta.get('sampling')!r}") from None
     rng = meta.get("rng_key")
     if rng is not None and not (
         isinstance(rng, list) and len(rng) == 2 and all(type(x) is int and 0 <= x < 1 << 32 for x in rng)
     ):
         raise SessionFormatError("meta.rng_key", f"expected two 32-bit ints, found {rng!r}")
-    return mc, {"temperature": float(t), "top_p": float(p)}, rng
+    return mc, sampling, rng
 
 
 def import_session(data, expect, kv_bytes, session_id="", next_address="", max_context_limit=1 << 20):

@@ -5,6 +5,7 @@ hash in metadata, and unary calls the crc32 of their body, so the node can
 refuse a stale or damaged call before it parses it.
 """
 
+import secrets
 import zlib
 
 import grpc
@@ -13,7 +14,7 @@ from ...kernels.turboquant import FORMAT_VERSION
 from ...proto import turbo_pb2 as pb
 from ...proto import turbo_pb2_grpc as pb_grpc
 from ..cache.config import CacheConfig
-from . import auth, wire
+from . import auth, errors, wire
 
 MD_PROTOCOL, MD_TOKEN, MD_COMPAT = "turbo-protocol", "turbo-token", "turbo-compat"
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default cap; payloads above CHUNK_BYTES go by ForwardStream
@@ -30,6 +31,10 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+class NodeNotAuthenticated(errors.ClusterError):
+    """A node answered the handshake without proof that it holds the cluster secret."""
 
 
 class NodeClient:
@@ -53,9 +58,11 @@ class NodeClient:
             self.channel = grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
         else:
             self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        calls = auth.authenticated_channel(self.channel, secret) if secret else self.channel
+        self._auth = auth.AuthClientInterceptor(secret) if secret else None
+        calls = auth.authenticated_channel(self.channel, secret, self._auth) if secret else self.channel
         self.stub = pb_grpc.NodeStub(calls)
         self.compat = wire.compat_hash(model_identity)
+        challenge = secrets.token_hex(16)
         try:
             reply = self.stub.Handshake(
                 pb.HandshakeRequest(
@@ -65,6 +72,7 @@ class NodeClient:
                     compat_hash=self.compat,
                     client_name=client_name,
                     will_load=will_load,
+                    challenge=challenge,
                 ),
                 metadata=((MD_PROTOCOL, str(wire.PROTOCOL_VERSION)),),
                 timeout=timeout,
@@ -73,6 +81,15 @@ class NodeClient:
         except grpc.RpcError:
             self.channel.close()
             raise
+        if secret and not auth.check_node_proof(secret, challenge, reply.node_id, reply.node_proof):
+            self.channel.close()
+            raise NodeNotAuthenticated(
+                f"node {address} did not prove it holds the cluster secret (a rogue node, or one with "
+                "another secret): refusing it", grpc.StatusCode.UNAUTHENTICATED,
+            )
+        if self._auth is not None:
+            self._auth.target = reply.node_id  # every later credential names this node only
+        self.node_id = reply.node_id
         self.token = reply.token
         self.handshake = reply
         self.metadata = (
