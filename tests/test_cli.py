@@ -115,3 +115,12 @@ def test_a_second_node_on_a_port_in_use_is_refused():
         assert node.proc.poll() is None  # the first one keeps serving
     finally:
         stop_local_nodes([node])
+
+
+def test_serve_on_a_network_interface_needs_an_api_key():
+    """The HTTP API is secure by default like the nodes: off loopback it needs a key, refused before any node starts."""
+    rc, out, err, seconds = run("turbo-cluster", "serve", "--host", "0.0.0.0", "--port", "0", "--local", "1",
+                                env={"TURBO_API_KEY": ""})
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("turbo-cluster: error: ") and "--api-key" in lines[0], lines[0]

@@ -19,12 +19,14 @@ import sys
 import urllib.error
 import urllib.request
 
+from . import output
+
 log = logging.getLogger(__name__)
 ENV_API_KEY = "TURBO_API_KEY"
 
 
-def _err(*a):
-    print(*a, file=sys.stderr, flush=True)
+def _err(text: str) -> None:
+    output.note(text)
 
 
 def add_commands(sub, common) -> None:
@@ -88,13 +90,24 @@ def _guard(fn, args, common):
     try:
         return fn(args, common)
     except (ClusterError, PlanError, DiscoveryError, SessionFormatError, OSError, ValueError) as e:
-        _err(f"turbo-cluster: {e}")
-        return 1
+        return output.fail("turbo-cluster", output.Failure(str(e)))
     except KeyboardInterrupt:
         return 130
 
 
 # --------------------------------------------------------------------------- serve
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` binds loopback only (no key needed there, as for a node without a secret)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _serve(args, common):
@@ -108,6 +121,9 @@ def _serve(args, common):
     if args.workers < 1 or args.queue < 1 or args.context < 1:
         raise ValueError("--workers, --queue and --context must be >= 1")
     key = args.api_key or os.environ.get(ENV_API_KEY) or None
+    if not key and not _loopback(args.host):
+        raise ValueError(f"serving on {args.host} would open the API to the network without a key: give --api-key KEY "
+                         f"(or ${ENV_API_KEY}), or --host 127.0.0.1 for this machine only")
     cache = common.cache_of(args)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -162,7 +178,7 @@ def _chat(args, common):
         try:
             while True:
                 if tty:
-                    print(">>> ", end="", flush=True)
+                    output.stream(">>> ")
                 line = sys.stdin.readline()
                 if not line or line.strip() in ("/exit", "/quit"):
                     break
@@ -181,8 +197,8 @@ def _chat(args, common):
                         if token in engine.eos:
                             break
                         n += 1
-                        print(text.add(token)[0], end="", flush=True)
-                    print(text.flush(), flush=True)
+                        output.stream(text.add(token)[0])
+                    output.result(text.flush())
                     ok = True
                 finally:
                     engine.release(k, keep=ok)
@@ -224,29 +240,29 @@ def _status(args, common):
         with common._connect(args) as cluster:
             st = {"nodes": node_rows(cluster), "sessions": cluster.sessions()}
     if args.json:
-        print(json.dumps(st, indent=1))
+        output.result(json.dumps(st, indent=1))
         return 0
     mib = lambda b: f"{(b or 0) / (1 << 20):.1f} MiB"  # noqa: E731
-    print(f"{len(st['nodes'])} nodes" + (f", {st['tokens_per_s']} tokens/s over the last minute, "
+    output.result(f"{len(st['nodes'])} nodes" + (f", {st['tokens_per_s']} tokens/s over the last minute, "
                                           f"{st['running']} running, {st['queue_depth']} queued" if "running" in st else ""))
     for n in st["nodes"]:
         if n.get("state") != "ready":
-            print(f"  {n['address']:22s} {n.get('state')}: {n.get('error', '')}")
+            output.result(f"  {n['address']:22s} {n.get('state')}: {n.get('error', '')}")
             continue
-        print(f"  {n['name']:14s} {n['address']:22s} {n['backend']:5s} layers {n['layers'][0]}:{n['layers'][1]}  "
+        output.result(f"  {n['name']:14s} {n['address']:22s} {n['backend']:5s} layers {n['layers'][0]}:{n['layers'][1]}  "
               f"used {mib(n['memory_used_bytes'])} free {mib(n['memory_free_bytes'])}  "
               f"{n['sessions']} sessions, KV {mib(n['kv_bytes'])}")
-    print(f"{len(st['sessions'])} sessions" if st["sessions"] else "no sessions")
+    output.result(f"{len(st['sessions'])} sessions" if st["sessions"] else "no sessions")
     for r in st["sessions"]:
         stages = ", ".join(f"{x['node']} {x['layers'][0]}:{x['layers'][1]}" for x in r["stages"])
-        print(f"  {r['session_id']}  {r['offset']} tokens  KV {mib(r['kv_bytes'])}  {stages}")
+        output.result(f"  {r['session_id']}  {r['offset']} tokens  KV {mib(r['kv_bytes'])}  {stages}")
     return 0
 
 
 def _drop(args, common):
     if args.server:
         _http(args, "DELETE", f"/v1/sessions/{args.session}")
-        print(f"dropped {args.session}")
+        output.result(f"dropped {args.session}")
         return 0
     import grpc
 
@@ -261,7 +277,7 @@ def _drop(args, common):
                     raise ValueError(f"node {c.address}: {e.code().name}: {e.details()}") from None
     if not held:
         raise ValueError(f"no node holds session {args.session!r}")
-    print(f"dropped {args.session} from {held} nodes, {freed} KV bytes freed")
+    output.result(f"dropped {args.session} from {held} nodes, {freed} KV bytes freed")
     return 0
 
 
@@ -278,8 +294,8 @@ def _resume(args, common):
             if "error" in event:
                 raise ValueError(event["error"]["message"])
             for ch in event.get("choices", []):
-                print(ch.get("text", ""), end="", flush=True)
-        print()
+                output.stream(ch.get("text", ""))
+        output.result()
         return 0
     if not args.snapshot:
         raise ValueError("give --server URL (a session kept by `turbo-cluster serve`) or --snapshot PATH")
@@ -294,7 +310,7 @@ def _resume(args, common):
             if token in tok.eos_token_ids:
                 break
             ids.append(token)
-        print(tok.decode(ids))
+        output.result(tok.decode(ids))
     return 0
 
 
