@@ -24,7 +24,6 @@ import grpc
 import numpy as np
 
 from ...proto import turbo_pb2 as pb
-from ..cluster import failover, migration
 from ..cluster.cluster import PREFILL_STEP
 from ..transport.errors import ClusterError
 from ..transport.wire import DTYPES
@@ -125,21 +124,13 @@ class Engine:
         temp = sampling.temperature if sampling.on_node else 0.0
         top_p = sampling.top_p if sampling.on_node else 0.0
         for attempt in (0, 1):
-            created = []
-            try:
-                for i in reversed(range(len(c.clients))):
-                    nxt = c.clients[i + 1].address if i + 1 < len(c.clients) else ""
-                    c.clients[i].create_session(sid, max_context, self.cache, nxt, temp, top_p, sampling.seed)
-                    created.append(c.clients[i])
+            try:  # the driver creates it on every node of the route and journals its steps for failover
+                c.driver.open(sid, max_context, self.cache, temp, top_p, sampling.seed, [])
                 break
-            except grpc.RpcError as e:
-                for cl in created:
-                    _drop_quietly(cl, sid)
-                if attempt == 0 and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and self._evict_idle():
+            except ClusterError as e:
+                if attempt == 0 and e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self._evict_idle():
                     continue  # idle kept sessions held the KV budget
-                raise ClusterError(f"creating session: {e.code().name}: {e.details()}", e.code()) from None
-        failover.opened(c, sid, max_context, self.cache, temp, top_p, sampling.seed)
-        c.live[sid] = migration.Live(sid, migration.current_route(c), [])
+                raise
         k = Kept(sid, [], max_context, sampling, rng=np.random.default_rng(sampling.seed))
         with self._lock:
             self.kept[sid] = k
@@ -177,9 +168,10 @@ class Engine:
         return True
 
     def _drop_nodes(self, sid):
-        live = self.cluster.live.pop(sid, None)
-        failover.closed(self.cluster, sid)
-        for cl in [st.client for st in live.route] if live else self.cluster.clients:
+        if sid in self.cluster.driver.live:
+            self.cluster.driver.close(sid)  # its route now, every other known node in the background
+            return
+        for cl in self.cluster.clients:
             _drop_quietly(cl, sid)
 
     def close(self) -> None:
@@ -205,11 +197,12 @@ class Engine:
         with live.lock:
             while len(rest) > 1:
                 n = min(PREFILL_STEP, len(rest) - 1)
-                failover.forward(c, sid, rest[:n], pb.NONE)
+                c.driver.step(sid, rest[:n], pb.NONE)
                 k.fed += rest[:n]
                 rest = rest[n:]
-            reply = failover.forward(c, sid, rest, want)
+            reply = c.driver.step(sid, rest, want)
             k.fed += rest
+            live.tokens = k.fed
         self._observe(reply)
         k.pending = None
         for n in range(max_tokens):
@@ -220,7 +213,7 @@ class Engine:
             if (stop_at_eos and token in self.eos) or n + 1 == max_tokens:
                 break
             with live.lock:
-                reply = failover.forward(c, sid, [token], want)
+                reply = c.driver.step(sid, [token], want)
                 k.fed.append(token)
                 k.pending = None
                 live.tokens = k.fed
