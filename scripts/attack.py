@@ -6,7 +6,9 @@ Starts two nodes sharing a cluster secret (one with --models-dir), a rogue node
 with no secret and one with another secret, then tries what an attacker on the
 network would: calls without or with stolen credentials, a tampered body, a
 replay on the same and on another node, a rogue node answering a coordinator,
-model paths outside the models directory. Prints each probe and whether it held
+model paths outside the models directory; then, against a real node process
+with a memory budget, session imports and hidden-state streams that are too
+large or lie about their size, and ``restore /dev/zero``. Prints each probe and whether it held
 (was refused); ``--json`` prints ``{"probes": [{"name", "refused", "held", "code", "detail"}]}``.
 """
 
@@ -200,7 +202,116 @@ def probe_exposed_without_secret(lab):
     return False, "OK", "served on 0.0.0.0 without a secret"
 
 
+# --------------------------------------------------------------------------- memory (a real node process)
+
+MEMORY_BUDGET = 384 << 20  # the bundled model's weights (~110 MiB as float32) plus KV
+MEMORY_MARGIN = 64 << 20  # what a refused body may add to the node's resident memory
+
+
+def _rss(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
+    return 0
+
+
+class MemoryLab:
+    """One node process with a budget and the bundled model loaded, for the memory probes."""
+
+    def __init__(self, secret):
+        from turbocluster.runtime.cluster.cluster import start_local_nodes
+        from turbocluster.runtime.model import loader
+
+        self.desc = loader.describe(None)
+        [self.node] = start_local_nodes(1, memory_budget=MEMORY_BUDGET, secret=secret)
+        self.client = NodeClient(self.node.address, self.desc["identity"], secret=secret, will_load=True)
+        self.client.load(None, 0, self.desc["num_layers"])
+
+    def bounded(self, send):
+        """``(refused, code, detail)`` of ``send(sent)``, where ``sent`` counts the MiB that left the client."""
+        from turbocluster.runtime.transport.errors import REASON_TOO_LARGE
+
+        before, sent = _rss(self.node.proc.pid), []
+        refused, code, detail = _status(lambda: send(sent))
+        grew = max(0, _rss(self.node.proc.pid) - before)
+        self.client.create_session("alive", 8)  # the node still serves
+        self.client.drop("alive")
+        held = refused and grew < MEMORY_MARGIN and (code == "NOT_FOUND" or REASON_TOO_LARGE in detail)
+        return held, code, f"{detail}; {len(sent)} MiB offered by the client, node RSS +{grew >> 20} MiB"
+
+    def close(self):
+        from turbocluster.runtime.cluster.cluster import stop_local_nodes
+
+        self.client.close()
+        stop_local_nodes([self.node])
+
+
+def _junk(n, sent):
+    piece = os.urandom(wire.CHUNK_BYTES)
+    for i in range(n):
+        sent.append(i)
+        yield i, piece, wire.checksum(piece)
+
+
+def _import_header(mem, total_bytes, session_id):
+    from turbocluster.kernels.format import FORMAT_VERSION
+    from turbocluster.runtime.sessions import container
+
+    d = mem.desc
+    return pb.SessionHeader(total_bytes=total_bytes, session_id=session_id, model_identity=d["identity"], layer_start=0,
+                            layer_end=d["num_layers"], num_tokens=1, format_version=FORMAT_VERSION,
+                            container_version=container.CONTAINER_VERSION)
+
+
+def _hidden_stream(mem, session_id, declared, n, sent):
+    header = pb.ForwardRequest(session_id=session_id, want=pb.HIDDEN)
+    header.hidden.CopyFrom(pb.Tensor(dtype=pb.FLOAT32, shape=[1, 1, mem.desc["hidden_size"]]))
+
+    def messages():
+        yield pb.ForwardChunk(header=header, payload_bytes=declared)
+        for i, piece, crc in _junk(n, sent):
+            yield pb.ForwardChunk(chunk=pb.Chunk(index=i, data=piece, crc32=crc))
+
+    return mem.client.stub.ForwardStream(messages(), metadata=mem.client.metadata, timeout=60)
+
+
+def memory_oversized_import(mem):
+    from turbocluster.runtime.sessions import calls
+
+    return mem.bounded(lambda sent: calls.send(mem.client, _import_header(mem, 16 << 30, "big"), None, pieces=_junk(1024, sent)))
+
+
+def memory_import_lying_about_its_size(mem):
+    from turbocluster.runtime.sessions import calls
+
+    return mem.bounded(lambda sent: calls.send(mem.client, _import_header(mem, 2 << 20, "liar"), None, pieces=_junk(256, sent)))
+
+
+def memory_stream_for_no_session(mem):
+    return mem.bounded(lambda sent: _hidden_stream(mem, "no-such-session", 2 << 20, 512, sent))
+
+
+def memory_oversized_stream(mem):
+    mem.client.create_session("target", 8)
+    try:
+        return mem.bounded(lambda sent: _hidden_stream(mem, "target", 1 << 30, 512, sent))
+    finally:
+        mem.client.drop("target")
+
+
+def memory_restore_dev_zero(mem):
+    from turbocluster.runtime.sessions import container
+
+    try:
+        container.load_snapshot("/dev/zero")
+    except container.SessionFormatError as e:
+        return True, e.code, str(e)
+    return False, "OK", "read /dev/zero as a snapshot"
+
+
 PROBES = {name[len("probe_"):]: fn for name, fn in globals().items() if name.startswith("probe_")}
+MEMORY_PROBES = {name: fn for name, fn in globals().items() if name.startswith("memory_") and callable(fn)}
 
 
 def run_probes(lab, names=None):
@@ -212,14 +323,32 @@ def run_probes(lab, names=None):
     return out
 
 
+def run_memory_probes(secret, names=None):
+    """The memory probes against one real node process: held = refused early, RSS within the margin, still serving."""
+    names = [n for n in (names or MEMORY_PROBES) if n in MEMORY_PROBES]
+    if not names:
+        return []
+    mem, out = MemoryLab(secret), []
+    try:
+        for name in names:
+            held, code, detail = MEMORY_PROBES[name](mem)
+            out.append({"name": name, "refused": held, "held": held, "code": str(code), "detail": detail})
+    finally:
+        mem.close()
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print the probes as JSON")
-    p.add_argument("--probe", action="append", choices=sorted(PROBES), help="run only this probe (repeatable)")
+    p.add_argument("--probe", action="append", choices=sorted(PROBES) + sorted(MEMORY_PROBES),
+                   help="run only this probe (repeatable)")
     args = p.parse_args(argv)
     lab = Lab()
     try:
-        probes = run_probes(lab, args.probe)
+        security = [n for n in args.probe if n in PROBES] if args.probe else None
+        probes = run_probes(lab, security) if security or not args.probe else []
+        probes += run_memory_probes(lab.secret, args.probe)
     finally:
         lab.close()
     if args.json:
