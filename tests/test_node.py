@@ -226,3 +226,39 @@ def test_sampler_settings_and_random_state_move_with_a_session(pipeline):
     assert tokens["src"] == tokens["copy"] and len(set(tokens["src"])) > 1
     drop(a, b, "src")
     drop(a, b, "copy")
+
+
+def test_a_push_to_a_target_that_restarted_handshakes_again(tiny_model_dirs):
+    """The source node caches its connection to a push target; after the target restarts (same port, new
+    process state) that connection's handshake is stale. The push must dial again, not fail with
+    'call Handshake first' until the source restarts (issue 10)."""
+    path = tiny_model_dirs["qwen3"]
+    identity = loader.describe(path)["identity"]
+
+    def start(port=0):
+        servicer = NodeServicer(name=f"n{port}", session_ttl=0)
+        server, port = make_server(servicer, port=port)
+        client = NodeClient(f"127.0.0.1:{port}", identity, will_load=True)
+        client.load(path, 0, 5)
+        return servicer, server, client
+
+    src, target = start(), start()
+    port = int(target[2].address.rsplit(":", 1)[1])
+    try:
+        s = src[2]
+        s.create_session("moving", 64)
+        s.forward("moving", PROMPT, want=pb.NONE)
+        calls.push(s, "moving", (0, 5), target[2].address, "")
+        assert [x.offset for x in target[2].sessions() if x.session_id == "moving"] == [len(PROMPT)]
+        for part in target[2], target[1]:  # the target restarts on the same port
+            part.close() if isinstance(part, NodeClient) else part.stop(0)
+        target[0].close()
+        target = start(port)
+        reply = calls.push(s, "moving", (0, 5), target[2].address, "")
+        assert reply.session.offset == len(PROMPT)
+        assert [x.offset for x in target[2].sessions() if x.session_id == "moving"] == [len(PROMPT)]
+    finally:
+        for servicer, server, client in (src, target):
+            client.close()
+            server.stop(0)
+            servicer.close()

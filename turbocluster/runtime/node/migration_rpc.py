@@ -21,7 +21,7 @@ from ..sessions import container as session_io
 from ..sessions.calls import send
 from ..sessions.container import SessionFormatError
 from ..sessions.store import INBOUND_FACTOR, SessionError
-from ..transport.errors import REASON_MOVE_WHOLE, REASON_TOO_LARGE
+from ..transport.errors import REASON_HANDSHAKE, REASON_MOVE_WHOLE, REASON_TOO_LARGE, reason_of
 from ..sessions.transfer import append, chunks, export_session, import_session, receive, status_of
 
 
@@ -214,11 +214,15 @@ def serve_push(node, request):
     header.session_id = request.target_session_id or request.session_id
     header.next_address = request.next_address
     header.stage, header.append = request.stage, request.from_token > 0
-    client = node._next_client(request.target_address)
-    try:
-        info = send(client, header, data)
-    except grpc.RpcError as e:
-        raise SessionError(e.code().name, f"target {request.target_address}: {e.details()}") from None
+    for attempt in (0, 1):  # a target that restarted since our last push forgot our handshake: dial it again once
+        client = node._next_client(request.target_address, fresh=attempt == 1)
+        try:
+            info = send(client, header, data)
+            break
+        except grpc.RpcError as e:
+            if attempt == 0 and reason_of(e) == REASON_HANDSHAKE:
+                continue  # refused at its gate, so nothing was installed
+            raise SessionError(e.code().name, f"target {request.target_address}: {e.details()}") from None
     t2 = time.perf_counter()
     return pb.PushSessionReply(session=info, container_bytes=len(data), export_ms=(t1 - t0) * 1e3, transfer_ms=(t2 - t1) * 1e3)
 
