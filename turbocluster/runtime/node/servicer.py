@@ -213,7 +213,9 @@ class NodeServicer(pb_grpc.NodeServicer):
                 f"over node {self.name}'s {self.memory_budget}-byte budget",
             )
         if len(self.sessions):
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{len(self.sessions)} live sessions; drop them before reloading")
+            held = ", ".join(sorted(x.session_id for x in self.sessions.list())[:3])
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{len(self.sessions)} live sessions ({held}) hold this node's "
+                          "layers; free them with `turbo-cluster drop SESSION` before reloading")
         job = self.host.start_load(model_arg, desc, start, end)
         yield pb.LoadProgress(fraction=0.1, stage="load", message=self.host.load_message)
         t0 = time.monotonic()
