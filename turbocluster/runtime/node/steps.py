@@ -129,7 +129,7 @@ def check_input(model, desc: dict, request, data=None):
 
 def check_position(session, request) -> None:
     """Refuse (FAILED_PRECONDITION, position-mismatch) a step expecting another offset than the session's."""
-    if request.HasField("expected_position") and request.expected_position != session.offset:
+    if request.HasField("expected_position") and session.counts_positions and request.expected_position != session.offset:
         raise SessionError(
             "FAILED_PRECONDITION",
             f"session {session.session_id!r} holds {session.offset} positions here, the step expects "

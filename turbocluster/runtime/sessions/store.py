@@ -51,6 +51,11 @@ class Session:
         # SSM caches (ArraysCache) have no offset: the first cache that has one says it
         return next((c.offset for c in self.caches if isinstance(getattr(c, "offset", None), int)), 0)
 
+    @property
+    def counts_positions(self) -> bool:
+        """Whether a cache here counts positions: a shard of only SSM layers (ArraysCache) cannot check one."""
+        return any(isinstance(getattr(c, "offset", None), int) for c in self.caches)
+
     def kv_bytes_used(self):
         return sum(c.nbytes for c in self.caches)
 
