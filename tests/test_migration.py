@@ -333,6 +333,44 @@ def test_migrating_the_middle_layers_to_another_node_keeps_greedy_tokens(nodes, 
         assert cluster.sessions() == []  # dropped on the new route when generation ended
 
 
+@pytest.mark.parametrize("which", ["first", "middle"])
+def test_a_migrate_run_by_another_process_during_generation_keeps_greedy_tokens(nodes, bundled, which):
+    """`turbo-cluster migrate` from another process while this one generates: the nodes' lock makes this
+    process's steps wait (not fail), then they follow the moved stages (a moved first stage leaves a
+    pointer); the tokens are mlx-lm's, nothing is replayed, and nothing is left on any node."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from turbocluster.runtime.cluster import failover
+
+    total = 160  # a window long enough for the other process to start and move the layers
+    ref = reference(bundled, TURBO3, total)
+    sid = f"xproc-{which}"
+    with connect(nodes, 0, 1, 2, cache=TURBO3) as cluster:
+        moved = cluster.plan_.assignments[0 if which == "first" else 1]
+        route = ",".join(nodes[i].address for i in (0, 1, 2))
+        gen = generation(cluster, bundled, sid, TURBO3, total)
+        tokens = take(gen, 2)
+        cli_path = Path(sys.executable).with_name("turbo-cluster")
+        argv = [str(cli_path), "migrate", "--nodes", route, "--session", sid,
+                "--layers", f"{moved.start}:{moved.end}", "--to", nodes[3].address]
+        other = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while other.poll() is None and len(tokens) < total:
+            tokens.append(next(gen))
+            time.sleep(0.05)  # paced: the migration must land inside the generation
+        out, err = other.communicate(timeout=120)
+        assert other.returncode == 0, err
+        assert "moved layers" in out
+        assert len(tokens) < total - 4, "the generation ended before the other process migrated"
+        tokens += list(gen)
+        assert tokens == ref
+        assert failover.state(cluster).rebuilds == []  # followed the move, did not replay the session
+    with Cluster.connect(nodes=[n.address for n in nodes]) as everyone:
+        assert everyone.sessions() == []  # the moved stage too: dropped along the chain the nodes hold
+
+
 def test_handoff_from_a_prefill_node_to_two_decode_nodes_keeps_greedy_tokens(nodes, bundled):
     model, ids = bundled
     cache = dict(TURBO3, quantized_start=4096)  # the prefill node keeps the prompt's KV in fp16

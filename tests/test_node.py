@@ -120,7 +120,11 @@ def test_a_lock_refuses_others_until_unlocked_or_expired(pipeline):
     assert refused(lambda: calls.fetch(a, "lk")) == locked
     assert refused(lambda: a.lock_session("lk", "mig-2", 30)) == locked
     assert refused(lambda: a.unlock_session("lk", "mig-2")) == locked
+    assert refused(lambda: a.drop("lk")) == locked
+    assert refused(lambda: calls.reroute(a, "lk", "")) == locked
     assert offsets(a, b, "lk") == [8, 8]
+    assert a.sessions()[0].next_address == b.address  # neither dropped nor repointed
+    assert calls.reroute(a, "lk", b.address, holder="mig-1").next_address == b.address
     assert a.forward("lk", [3], holder="mig-1").offset == 9  # the holder's own step runs
     for c in (a, b):
         c.unlock_session("lk", "mig-1")
@@ -133,6 +137,27 @@ def test_a_lock_refuses_others_until_unlocked_or_expired(pipeline):
     assert a.forward("lk", [4], expected_position=10).offset == 11
     assert offsets(a, b, "lk") == [11, 11]
     drop(a, b, "lk")
+
+
+def test_a_migrations_drop_leaves_a_pointer_and_a_drop_frees_a_staged_copy(pipeline):
+    a, b, servicers = pipeline
+    open_session(a, b, "mv")
+    a.forward("mv", PROMPT, want=pb.NONE)
+    header, data = calls.fetch(a, "mv")
+    a.lock_session("mv", "mig-9", 30)
+    assert refused(lambda: a.drop("mv", moved_to="10.0.0.9:7070")) == (grpc.StatusCode.ABORTED, errors.REASON_LOCKED)
+    reply = a.drop("mv", holder="mig-9", moved_to="10.0.0.9:7070")
+    assert reply.bytes_freed > 0 and reply.next_address == b.address  # the chain to follow
+    with pytest.raises(grpc.RpcError) as e:
+        a.forward("mv", [3])
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and errors.moved_to(e.value) == "10.0.0.9:7070"
+    # a staged (pre-copied, uncommitted) copy is freed by DropSession too, not only by its 600 s expiry
+    header.stage = True
+    calls.send(a, header, data)
+    assert not a.sessions() and servicers[0].migration_staged.sessions
+    assert a.drop("mv").bytes_freed > 0 and not servicers[0].migration_staged.sessions
+    assert refused(lambda: a.drop("mv"))[0] == grpc.StatusCode.NOT_FOUND
+    b.drop("mv")
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])

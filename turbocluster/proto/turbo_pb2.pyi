@@ -331,16 +331,22 @@ class TrimRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., count: _Optional[int] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class DropSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "holder", "moved_to")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    MOVED_TO_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    holder: str
+    moved_to: str
+    def __init__(self, session_id: _Optional[str] = ..., holder: _Optional[str] = ..., moved_to: _Optional[str] = ...) -> None: ...
 
 class DropSessionReply(_message.Message):
-    __slots__ = ("bytes_freed",)
+    __slots__ = ("bytes_freed", "next_address")
     BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     bytes_freed: int
-    def __init__(self, bytes_freed: _Optional[int] = ...) -> None: ...
+    next_address: str
+    def __init__(self, bytes_freed: _Optional[int] = ..., next_address: _Optional[str] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ()
@@ -441,12 +447,14 @@ class PushSessionReply(_message.Message):
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., container_bytes: _Optional[int] = ..., export_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ...) -> None: ...
 
 class RerouteSessionRequest(_message.Message):
-    __slots__ = ("session_id", "next_address")
+    __slots__ = ("session_id", "next_address", "holder")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     next_address: str
-    def __init__(self, session_id: _Optional[str] = ..., next_address: _Optional[str] = ...) -> None: ...
+    holder: str
+    def __init__(self, session_id: _Optional[str] = ..., next_address: _Optional[str] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class LockSessionRequest(_message.Message):
     __slots__ = ("session_id", "holder", "unlock", "ttl_s")

@@ -27,10 +27,10 @@ import grpc
 
 from ...proto import turbo_pb2 as pb
 from ..sessions.container import SessionFormatError
-from ..transport.errors import ClusterError, from_rpc
+from ..transport.errors import REASON_LOCKED, ClusterError, from_rpc, moved_to, reason_of
 from . import failover, migration
 from .failover import RETRYABLE, drop, retry, warn
-from .membership import Live
+from .membership import Live, Stage
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,8 @@ class Driver:
         route = [st.client for st in live.route] if live else []
         t = self.policy.probe_timeout_s
         with live.lock if live else threading.Lock():  # a migration in flight finishes first, then its route goes
-            route = [st.client for st in live.route] if live else []
-            for c in route:
-                try:
-                    c.drop(sid, timeout=5.0)
-                except grpc.RpcError:
-                    pass  # the node is gone or already dropped it; nothing left to free
-        others = [c for a, c in self.cluster.membership.known().items() if a not in {c.address for c in route}]
+            dropped = self._drop_chain(sid, [st.address for st in live.route] if live else [])
+        others = [c for a, c in self.cluster.membership.known().items() if a not in dropped]
 
         def sweep():
             for c in others:
@@ -160,6 +155,31 @@ class Driver:
 
         if others:
             threading.Thread(target=sweep, name=f"drop-{sid[:8]}", daemon=True).start()
+
+    def _drop_chain(self, sid: str, addresses: list) -> set:
+        """Drop the session along the chain its nodes hold, from ``addresses`` (its route as known here) on,
+        following each stage's next node and a migration's moved-to pointer: another coordinator may have
+        moved stages. Waits out another holder's lock a while. Returns the addresses tried."""
+        m, todo, tried = self.cluster.membership, list(addresses), set()
+        deadline = time.monotonic() + min(self.policy.locked_wait_s, 30.0)
+        while todo and len(tried) < 64:
+            address = todo.pop(0)
+            if address in tried or not address:
+                continue
+            tried.add(address)
+            try:
+                reply = m.client(address).drop(sid, timeout=5.0)
+                todo.insert(0, reply.next_address)
+            except grpc.RpcError as e:
+                if reason_of(e) == REASON_LOCKED and time.monotonic() < deadline:
+                    tried.discard(address)  # a migration or snapshot by another process: after it
+                    todo.insert(0, address)
+                    time.sleep(0.2)
+                else:
+                    todo.insert(0, moved_to(e) or "")  # gone, or moved on: follow it
+            except ClusterError:
+                pass  # unreachable: the node's session TTL frees what it holds
+        return tried
 
     # -- stepping --
 
@@ -209,6 +229,7 @@ class Driver:
         """Bring the session's caches up to the end of its journal; the reply of the last step."""
         m, p = self.cluster.membership, self.policy
         failures, rewind, reply, rebuilt, attempts = 0, False, None, None, 0
+        locked_since, follow = None, None  # another holder's lock seen first; where a migration moved stage 0
         while True:
             attempts += 1
             seen, at = m.epoch, j.done
@@ -218,7 +239,7 @@ class Driver:
                     j.epoch, rewind = seen, False
                     rebuilt = {"session": j.session_id, "from_step": j.done, "t0": t0}
                 if rewind:
-                    if not self._rewind(j):
+                    if not self._rewind(j, follow):
                         j.epoch = -1  # a node lost the session: rebuild it
                         continue
                     rewind = False
@@ -239,19 +260,31 @@ class Driver:
                             )
                         step.out = reply.token
                     j.done += 1
-                    failures = 0
+                    failures, locked_since = 0, None
                 if rebuilt is not None:
                     self._rebuilt(j, rebuilt)
                 if p.checkpoint_every and j.done - j.checkpoint_done >= p.checkpoint_every:
                     self._checkpoint(j)
                 return reply
             except grpc.RpcError as e:
-                failures = 1 if j.done > at else failures + 1
                 what = f"{e.code().name}: {e.details()}"
                 if e.code() not in RETRYABLE:
                     raise ClusterError(f"session {j.session_id}: {what}", e.code()) from None
+                follow = moved_to(e) or follow
+                if reason_of(e) == REASON_LOCKED:  # another process is moving or snapshotting it: wait, nothing failed
+                    locked_since = locked_since or time.monotonic()
+                    if time.monotonic() - locked_since < p.locked_wait_s:
+                        log.info("session %s: locked by another holder; waiting", j.session_id)
+                        time.sleep(p.max_backoff_s / 4)
+                        rewind = True
+                        continue
+                failures = 1 if j.done > at else failures + 1
                 if failures > p.retries:
                     raise ClusterError(f"session {j.session_id}: step failed {failures} times in a row, giving up; last: {what}", e.code()) from None
+                if moved_to(e):  # another coordinator moved its first stage: follow it, no node was lost
+                    log.info("session %s: %s; following it", j.session_id, what)
+                    rewind = True
+                    continue
                 warn(f"session {j.session_id}: step failed ({what}); retrying (attempt {failures}/{p.retries})")
                 time.sleep(p.pause(failures - 1))
                 self.recover(seen)
@@ -310,9 +343,31 @@ class Driver:
 
             retry(p, fresh)
 
-    def _rewind(self, j: Journal) -> bool:
+    def _follow(self, sid: str, start: Optional[str] = None) -> Optional[list]:
+        """The session's route as its nodes chain it, from ``start`` (where a migration moved stage 0) or the
+        route's first node; None when the chain is broken. Another coordinator may have moved stages."""
+        m, route = self.cluster.membership, []
+        address = start or self.live[sid].route[0].address
+        while address and len(route) < 64:
+            try:
+                c = m.checked(address)
+                info, held = c.info(), [s for s in c.sessions() if s.session_id == sid]
+            except (grpc.RpcError, ClusterError):  # unreachable: failover decides about it
+                return None
+            if not held:
+                return None
+            route.append(Stage(c, info.layer_start, info.layer_end))
+            address = held[0].next_address
+        return route if route and route[-1].end == self.cluster.desc["num_layers"] else None
+
+    def _rewind(self, j: Journal, start: Optional[str] = None) -> bool:
         """Trim every stage back to the journal's offset; False if a stage no longer holds the session."""
         target, p = j.offset(), self.policy
+        route = self._follow(j.session_id, start)
+        if route is not None and [st.address for st in route] != [st.address for st in self.live[j.session_id].route]:
+            log.info("session %s: its route changed to %s (moved by another coordinator)", j.session_id,
+                     [st.address for st in route])
+            self.live[j.session_id].route = route
         for st in self.live[j.session_id].route:
             c = st.client
 

@@ -63,6 +63,7 @@ class Policy:
     max_backoff_s: float = 2.0
     load_timeout_s: float = 300.0  # deadline of a LoadLayers during a re-plan
     checkpoint_every: int = 0  # steps between packed-KV checkpoints of a session (0 = rebuild by replay only)
+    locked_wait_s: float = 90.0  # how long a step waits out another holder's lock (a migration) before giving up
 
     def step_timeout(self, tokens: int) -> float:
         return self.step_timeout_s + self.per_token_s * tokens

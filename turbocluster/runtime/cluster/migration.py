@@ -101,10 +101,12 @@ def _next_of(route, i):
     return route[i + 1].address if i + 1 < len(route) else ""
 
 
-def _drop_quietly(stages, session_id):
+def _drop_quietly(stages, session_id, holder="", route=()):
+    """Drop the session (and staged copies) on ``stages``; a move names where ``route`` put their layers."""
     for st in stages:
+        moved_to = next((n.address for n in route if n.start <= st.start < n.end), "")
         try:
-            st.client.drop(session_id)
+            st.client.drop(session_id, holder=holder, moved_to=moved_to)
         except grpc.RpcError:
             pass  # the node is gone or never got it: nothing of the session is left there
 
@@ -134,6 +136,7 @@ def move(cluster, live, route, relay=False):
         if key(st) not in kept:
             todo.append((st, _next_of(route, i), [o for o in old if o.start < st.end and st.start < o.end]))
     built, staged, sent, packing_ms = [], {}, [0], 0.0
+    holder = f"migrate-{uuid.uuid4().hex[:12]}"
 
     def whole(st, nxt, sources):
         if len(sources) == 1 and not relay:
@@ -159,12 +162,12 @@ def move(cluster, live, route, relay=False):
                 reply = push(sources[0].client, sid, (st.start, st.end), st.address, nxt, stage=True)
             except grpc.RpcError as e:
                 if reason_of(e) != REASON_MOVE_WHOLE:
+                    _drop_quietly([t for t, _, _ in todo], sid, holder)  # the copies staged so far
                     raise failed(st, e) from None
                 continue  # these caches move whole, inside the pause
             staged[key(st)] = reply.session.offset
             sent[0] += reply.container_bytes
             packing_ms += reply.export_ms  # the source held the session's lock this long
-    holder = f"migrate-{uuid.uuid4().hex[:12]}"
     with live.lock:
         t1 = time.perf_counter()
         locked = lock_route(old, sid, holder)  # another process's steps and moves wait for this one
@@ -185,18 +188,18 @@ def move(cluster, live, route, relay=False):
                 before = [j for j, o in enumerate(old) if key(o) == key(st)]
                 if before and _next_of(old, before[0]) != _next_of(route, i):
                     try:
-                        reroute(st.client, sid, _next_of(route, i))
+                        reroute(st.client, sid, _next_of(route, i), holder)
                     except grpc.RpcError as e:
                         for o, j in rerouted:  # point them back at the old route
-                            reroute(o.client, sid, _next_of(old, j))
+                            reroute(o.client, sid, _next_of(old, j), holder)
                         raise _failed(f"rerouting session {sid!r}", st.client, e) from None
                     rerouted.append((st, before[0]))
         except BaseException:
-            _drop_quietly(built, sid)
+            _drop_quietly([st for st, _, _ in todo], sid, holder)  # what was built, and staged copies
             unlock_route(locked, sid, holder)
             raise
         new = {key(st) for st in route}
-        _drop_quietly([o for o in old if key(o) not in new], sid)
+        _drop_quietly([o for o in old if key(o) not in new], sid, holder, route)
         unlock_route([o for o in locked if key(o) in new], sid, holder)
         live.route = list(route)
         t2 = time.perf_counter()
@@ -270,21 +273,21 @@ def handoff(cluster, session_id, nodes, relay=False):
     return move(cluster, live, route, relay)
 
 
-def gather_stages(route, session_id):
+def gather_stages(route, session_id, holder=""):
     """A whole session as ``(caches, meta)`` for layers 0..n, fetched stage by stage (no step may run meanwhile)."""
     parts = []
     for st in route:
         try:
-            _, data = fetch(st.client, session_id)
+            _, data = fetch(st.client, session_id, holder=holder)
         except grpc.RpcError as e:
             raise _failed(f"exporting session {session_id!r}", st.client, e) from None
         parts.append(session_io.unpack_session(data))
     return _plain_meta(*merge(parts))
 
 
-def gather(cluster, live):
+def gather(cluster, live, holder=""):
     """The whole session with its token ids and pending token, as ``(caches, meta)``. Hold ``live.lock``."""
-    caches, meta = gather_stages(live.route, live.session_id)
+    caches, meta = gather_stages(live.route, live.session_id, holder)
     if len(live.tokens) == meta["num_tokens"]:
         meta["token_ids"] = list(live.tokens)
     meta["pending_token"] = live.pending
@@ -295,8 +298,13 @@ def snapshot(cluster, path, session_id=None):
     """Write a session, all its layers, to ``path`` as one container; returns the bytes written."""
     sid = session_id or _only_session(cluster)
     live = live_session(cluster, sid)
+    holder = f"snapshot-{uuid.uuid4().hex[:12]}"
     with live.lock:
-        caches, meta = gather(cluster, live)
+        locked = lock_route(live.route, sid, holder)  # no stage steps between two stages' exports
+        try:
+            caches, meta = gather(cluster, live, holder)
+        finally:
+            unlock_route(locked, sid, holder)
     return session_io.save_snapshot(path, caches, meta)
 
 
@@ -363,12 +371,21 @@ def replan(cluster, nodes, context=None, cache=None):
 
     ids = sorted({s["session_id"] for s in sessions(cluster)})
     lives = [live_session(cluster, sid) for sid in ids]
+    holder = f"replan-{uuid.uuid4().hex[:12]}"
     for live in lives:
         live.lock.acquire()
     try:
-        held = [(live, gather(cluster, live)) for live in lives]
+        locked = []  # another process's steps and moves wait while the sessions are gathered
+        try:
+            for live in lives:
+                locked.append((live, lock_route(live.route, live.session_id, holder)))
+            held = [(live, gather(cluster, live, holder)) for live in lives]
+        except BaseException:
+            for live, stages in locked:
+                unlock_route(stages, live.session_id, holder)
+            raise
         for live in lives:
-            _drop_quietly(live.route, live.session_id)
+            _drop_quietly(live.route, live.session_id, holder)
         clients = [connect(cluster, a) for a in nodes]
         m = cluster.membership
         try:

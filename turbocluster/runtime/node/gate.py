@@ -131,7 +131,7 @@ def rpc(fn):
         try:
             return fn(self, request, context)
         except (Refused, SessionError, wire.WireError, grpc.RpcError) as e:
-            errors.abort(context, *_status(e), getattr(e, "reason", None))
+            errors.abort(context, *_status(e), getattr(e, "reason", None), getattr(e, "extra", ()))
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
@@ -144,7 +144,7 @@ def rpc_stream(fn):
         try:
             yield from fn(self, request, context)
         except (Refused, SessionError, wire.WireError, grpc.RpcError) as e:
-            errors.abort(context, *_status(e), getattr(e, "reason", None))
+            errors.abort(context, *_status(e), getattr(e, "reason", None), getattr(e, "extra", ()))
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper

@@ -23,6 +23,7 @@ from ..sessions.container import SessionFormatError
 from ..sessions.store import INBOUND_FACTOR, SessionError
 from ..transport.errors import REASON_HANDSHAKE, REASON_MOVE_WHOLE, REASON_TOO_LARGE, reason_of
 from ..sessions.transfer import append, chunks, export_session, import_session, receive, status_of
+from . import steps
 
 
 def _refuse(error):
@@ -173,6 +174,14 @@ def _staged_bytes(node):
         return sum(s.kv_bytes_used() for s in staged.sessions.values())
 
 
+def drop_staged(node, session_id: str):
+    """Discard the staged (uncommitted) copy of ``session_id``; its bytes, or None if there was none."""
+    staged = _staged(node)
+    with staged.lock:
+        session = staged.sessions.pop(session_id, None)
+    return None if session is None else session.kv_bytes_used()
+
+
 def _expire_staged(staged, now=None):
     now = time.monotonic() if now is None else now
     with staged.lock:
@@ -242,6 +251,24 @@ def _check_precopy(node, request):
             )
 
 
+def serve_drop(node, request):
+    """DropSession: free the session and any staged copy of it; honours the session's lock.
+
+    A migration's drop names ``moved_to``, which later NOT_FOUNDs here pass on.
+    """
+    staged = drop_staged(node, request.session_id)
+    try:
+        session = node.sessions.get(request.session_id)
+    except SessionError:
+        if staged is None:
+            raise
+        return pb.DropSessionReply(bytes_freed=staged)
+    with session.lock:  # after the step in flight; refused while another holder has it locked
+        steps.check_lock(session, request.holder)
+        node.sessions.drop(request.session_id, request.moved_to)
+    return pb.DropSessionReply(bytes_freed=session.kv_bytes_reserved + (staged or 0), next_address=session.next_address)
+
+
 def serve_reroute(node, request):
     """RerouteSession: point the session's hidden states at another next node."""
     model, _ = _held(node)
@@ -249,5 +276,6 @@ def serve_reroute(node, request):
     if request.next_address and stage.is_last(model):
         raise SessionError("INVALID_ARGUMENT", "the last node of the model cannot have a next node")
     with session.lock:  # not between a step's compute and its forwarding
+        steps.check_lock(session, request.holder)
         session.next_address = request.next_address
     return node._session_info(session)

@@ -364,8 +364,7 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     @_rpc
     def DropSession(self, request, context):
-        s = self.sessions.drop(request.session_id)
-        return pb.DropSessionReply(bytes_freed=s.kv_bytes_reserved)
+        return migration_rpc.serve_drop(self, request)
 
     @_rpc
     def ListSessions(self, request, context):

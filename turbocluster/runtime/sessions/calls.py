@@ -48,8 +48,9 @@ def push(client, session_id, layers, target_address, next_address, target_sessio
     return client._unary(client.stub.PushSession, request, TRANSFER_TIMEOUT)
 
 
-def reroute(client, session_id, next_address):
-    return client._unary(client.stub.RerouteSession, pb.RerouteSessionRequest(session_id=session_id, next_address=next_address))
+def reroute(client, session_id, next_address, holder=""):
+    request = pb.RerouteSessionRequest(session_id=session_id, next_address=next_address, holder=holder)
+    return client._unary(client.stub.RerouteSession, request)
 
 
 def header_for(meta, total, session_id="", next_address=""):

@@ -11,9 +11,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..transport.errors import REASON_TOO_LARGE
+from ..transport.errors import MOVED_TO_KEY, REASON_MOVED, REASON_TOO_LARGE
 
-MAX_EXPIRED = 4096  # expired ids remembered for the NOT_FOUND message
+MAX_EXPIRED = 4096  # expired (and moved) ids remembered for the NOT_FOUND message
 # Peak bytes while one inbound container is parsed, per container byte: the
 # received bytes, msgpack's copies of its arrays, and the rebuilt mx.arrays.
 INBOUND_FACTOR = 3
@@ -22,10 +22,11 @@ INBOUND_FACTOR = 3
 class SessionError(Exception):
     """A session request that cannot be honoured; ``code`` names the gRPC status."""
 
-    def __init__(self, code, message, reason=None):
+    def __init__(self, code, message, reason=None, extra=()):
         super().__init__(message)
         self.code = code
         self.reason = reason  # transport.errors.REASON_*, for the caller's control flow
+        self.extra = extra  # more trailing metadata pairs beside the reason
 
 
 @dataclass
@@ -80,6 +81,7 @@ class SessionStore:
         self._sessions = {}
         self._inbound = 0  # bytes held by containers being received and parsed right now
         self._expired = {}  # ids freed by ``expire`` (the most recent MAX_EXPIRED), so lookups can say so
+        self._moved = {}  # ids a migration moved away -> the address now holding them (most recent MAX_EXPIRED)
         self._lock = threading.Lock()
 
     def reserved(self):
@@ -147,13 +149,20 @@ class SessionStore:
                 )
             self._sessions[session.session_id] = session
             self._expired.pop(session.session_id, None)
+            self._moved.pop(session.session_id, None)
             return session
 
     def get(self, session_id):
         with self._lock:
             s = self._sessions.get(session_id)
             expired = self._expired.get(session_id)
+            moved = self._moved.get(session_id)
         if s is None:
+            if moved:
+                raise SessionError(
+                    "NOT_FOUND", f"session {session_id!r} was moved to {moved} by a migration", REASON_MOVED,
+                    ((MOVED_TO_KEY, moved),),
+                )
             if expired is not None:
                 raise SessionError("NOT_FOUND", f"session {session_id!r} expired: idle for more than {expired:g} s (the node's --session-ttl)")
             raise SessionError("NOT_FOUND", f"no session {session_id!r} on this node")
@@ -174,9 +183,14 @@ class SessionStore:
                 del self._expired[next(iter(self._expired))]
         return old
 
-    def drop(self, session_id):
+    def drop(self, session_id, moved_to: str = ""):
+        """Remove the session; ``moved_to`` (a migration's drop) is remembered for later NOT_FOUNDs."""
         with self._lock:
             s = self._sessions.pop(session_id, None)
+            if s is not None and moved_to:
+                self._moved[session_id] = moved_to
+                while len(self._moved) > MAX_EXPIRED:
+                    del self._moved[next(iter(self._moved))]
         if s is None:
             raise SessionError("NOT_FOUND", f"no session {session_id!r} on this node")
         return s

@@ -193,8 +193,10 @@ class NodeClient:
         request = pb.LockSessionRequest(session_id=session_id, holder=holder, unlock=True)
         return self._unary(self.stub.LockSession, request, timeout)
 
-    def drop(self, session_id, timeout=None):
-        return self._unary(self.stub.DropSession, pb.DropSessionRequest(session_id=session_id), timeout)
+    def drop(self, session_id, timeout=None, holder="", moved_to=""):
+        """DropSession (its staged copy too); ``holder``: the lock's holder; ``moved_to``: where a migration put it."""
+        request = pb.DropSessionRequest(session_id=session_id, holder=holder, moved_to=moved_to)
+        return self._unary(self.stub.DropSession, request, timeout)
 
     def sessions(self, timeout=None):
         return list(self._unary(self.stub.ListSessions, pb.ListSessionsRequest(), timeout).sessions)

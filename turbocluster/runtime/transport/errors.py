@@ -47,22 +47,33 @@ REASON_POSITION = "position-mismatch"  # a stage's offset is not the step's expe
 REASON_LOCKED = "session-locked"  # another holder has the session locked (LockSession): retry after it
 REASON_NON_FINITE = "non-finite"  # a hidden state held NaN or Inf: refused, nothing applied
 REASON_TOO_LARGE = "too-large"  # an inbound container, stream or staged copy would pass the node's memory budget
+REASON_MOVED = "session-moved"  # a migration moved the session away: follow MOVED_TO_KEY
+MOVED_TO_KEY = "turbo-moved-to"  # trailing metadata beside REASON_MOVED: host:port now holding those layers
 
 
-def abort(context, code: grpc.StatusCode, message: str, reason: Optional[str] = None):
-    """``context.abort`` with ``reason`` attached for the caller's code (never parsed from the message)."""
+def abort(context, code: grpc.StatusCode, message: str, reason: Optional[str] = None, extra: tuple = ()):
+    """``context.abort`` with ``reason`` (and ``extra`` metadata pairs) attached for the caller's code."""
     if reason:
-        context.set_trailing_metadata(((REASON_KEY, reason),))
+        context.set_trailing_metadata(((REASON_KEY, reason), *extra))
     context.abort(code, message)
 
 
-def reason_of(e: grpc.RpcError) -> Optional[str]:
-    """The reason a node attached to its refusal, or None."""
+def _trailer(e: grpc.RpcError, name: str) -> Optional[str]:
     try:
         trailers = e.trailing_metadata() or ()
     except Exception:  # an RpcError that is not a call (e.g. raised before one started) has none
         return None
     for key, value in trailers:
-        if key == REASON_KEY:
+        if key == name:
             return value
     return None
+
+
+def reason_of(e: grpc.RpcError) -> Optional[str]:
+    """The reason a node attached to its refusal, or None."""
+    return _trailer(e, REASON_KEY)
+
+
+def moved_to(e: grpc.RpcError) -> Optional[str]:
+    """Where a migration moved the session a NOT_FOUND names (reason REASON_MOVED), or None."""
+    return _trailer(e, MOVED_TO_KEY) if reason_of(e) == REASON_MOVED else None
