@@ -239,7 +239,7 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_context: _Optional[int] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ..., next_address: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "offset", "max_context", "cache", "kv_bytes_reserved", "kv_bytes_used", "next_address", "created_unix")
+    __slots__ = ("session_id", "offset", "max_context", "cache", "kv_bytes_reserved", "kv_bytes_used", "next_address", "created_unix", "pending_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,7 @@ class SessionInfo(_message.Message):
     KV_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     offset: int
     max_context: int
@@ -256,7 +257,8 @@ class SessionInfo(_message.Message):
     kv_bytes_used: int
     next_address: str
     created_unix: float
-    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., max_context: _Optional[int] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ..., kv_bytes_reserved: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., next_address: _Optional[str] = ..., created_unix: _Optional[float] = ...) -> None: ...
+    pending_token: int
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., max_context: _Optional[int] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ..., kv_bytes_reserved: _Optional[int] = ..., kv_bytes_used: _Optional[int] = ..., next_address: _Optional[str] = ..., created_unix: _Optional[float] = ..., pending_token: _Optional[int] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 
 from . import output
 from .node import check_model, parse_layers, secret, secret_arg, tls, tls_args, version
@@ -63,6 +64,10 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", nargs="*", default=[], help="stop when any of these strings appears")
     gen.add_argument("--max-context", type=int, default=None, help="positions to reserve (default prompt + max tokens)")
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    gen.add_argument("--session-id", default=None, help="id for the session (default: a random one; printed on stderr)")
+    gen.add_argument("--keep", action="store_true",
+                     help="leave the session on the nodes when done; `turbo-cluster resume SESSION --nodes ...` continues it "
+                          "(reserve room with --max-context)")
     gen.add_argument("--step-timeout", type=float, default=30.0, metavar="SECONDS",
                      help="deadline of one decode step; a node silent past it is probed and failed over (default 30)")
     gen.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
@@ -233,13 +238,26 @@ def generate(args) -> int:
     if args.max_context is not None and args.max_context < need:
         raise UsageError(f"--max-context {args.max_context} is less than the prompt ({len(ids)} tokens) plus --max-tokens "
                          f"({args.max_tokens}) = {need}; raise --max-context or lower --max-tokens")
+    if args.keep and args.local:
+        raise UsageError("--keep leaves the session on the nodes, but --local nodes stop with this command; "
+                         "start nodes with `turbo-node serve` and give --nodes (or let them be discovered)")
+    sid = args.session_id or uuid.uuid4().hex[:16]
     with _connect(args, tok) as cluster:
         _plan_and_load(cluster, args.max_context or need, cache)
         failover.configure(cluster, step_timeout_s=args.step_timeout, checkpoint_every=args.checkpoint_every)
         t0 = time.perf_counter()
-        for piece in cluster.generate(ids, args.max_tokens, args.temp, args.top_p, args.seed, args.stop, cache):
+        output.note(f"session {sid}")
+        pieces = cluster.generate(
+            ids, args.max_tokens, args.temp, args.top_p, args.seed, args.stop, cache,
+            session_id=sid, keep=args.keep, max_context=args.max_context,
+        )
+        for piece in pieces:
             output.stream(piece)
         output.result()
+        if args.keep:
+            where = ",".join(c.address for c in cluster.clients)
+            output.note(f"kept session {sid} on the nodes (freed after their --session-ttl idle); continue it with "
+                        f"`turbo-cluster resume {sid} --nodes {where}`, free it with `turbo-cluster drop {sid} --nodes {where}`")
         s = cluster.stats
         output.note(
             f"prompt {s.prompt_tokens} tokens in {s.prefill_s:.2f} s; generated {s.generated_tokens} tokens, "

@@ -4,7 +4,7 @@
     turbo-cluster chat   [--local N | --nodes ...] [--system TEXT]        multi-turn; KV kept between turns
     turbo-cluster status [--server URL | --nodes ...] [--json]
     turbo-cluster drop   SESSION [--server URL | --nodes ...]
-    turbo-cluster resume SESSION --server URL | --snapshot PATH [--nodes ...]
+    turbo-cluster resume SESSION [--nodes ...] [--keep] | --server URL | --snapshot PATH   (a kept, served or saved session)
 
 Registered by ``add_commands(subparsers, common)``, where ``common`` is the
 module holding the shared connect/cache/load helpers of the CLI.
@@ -66,11 +66,12 @@ def add_commands(sub, common) -> None:
     dr.add_argument("session", help="session id")
     dr.set_defaults(run=lambda a: _guard(_drop, a, common))
 
-    rs = sub.add_parser("resume", help="continue a kept session (--server) or a snapshot (--snapshot)")
+    rs = sub.add_parser("resume", help="continue a kept session (on --nodes or --server) or a snapshot (--snapshot)")
     _server_args(rs, common)
     rs.add_argument("session", nargs="?", default=None, help="session id (kept on --server, or the snapshot's id)")
     rs.add_argument("--snapshot", default=None, help="restore this snapshot onto the nodes and continue it")
     rs.add_argument("--max-tokens", type=int, default=256)
+    rs.add_argument("--keep", action="store_true", help="leave the session on the nodes afterwards (resume it again later)")
     rs.set_defaults(run=lambda a: _guard(_resume, a, common))
 
 
@@ -298,7 +299,18 @@ def _resume(args, common):
         output.result()
         return 0
     if not args.snapshot:
-        raise ValueError("give --server URL (a session kept by `turbo-cluster serve`) or --snapshot PATH")
+        if not args.session:
+            raise ValueError("give the SESSION id (kept by `turbo-cluster generate --keep`), --server URL or --snapshot PATH")
+        with common._connect(args) as cluster:  # a session kept on the nodes: its last node holds the pending token
+            tok, ids = cluster.tokenizer, []
+            for token in cluster.resume(args.session, args.max_tokens, keep=args.keep):
+                if token in tok.eos_token_ids:
+                    break
+                ids.append(token)
+            output.result(tok.decode(ids))
+        if args.keep:
+            _err(f"kept session {args.session}")
+        return 0
     with common._connect(args) as cluster:
         if not _loaded(cluster):
             common._plan_and_load(cluster, 4096, None)
@@ -306,7 +318,7 @@ def _resume(args, common):
         _err(f"restored session {sid}")
         tok = cluster.tokenizer
         ids = []
-        for token in cluster.resume(sid, args.max_tokens):
+        for token in cluster.resume(sid, args.max_tokens, keep=args.keep):
             if token in tok.eos_token_ids:
                 break
             ids.append(token)

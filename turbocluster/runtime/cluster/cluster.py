@@ -282,7 +282,7 @@ class Cluster:
 
     def generate_tokens(
         self, prompt_ids, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, cache=None, max_context=None, stop_at_eos=True,
-        session_id=None,
+        session_id=None, keep=False,
     ) -> Iterator[int]:
         """Yield generated token ids (stops at EOS or ``max_tokens``); as mlx_lm.generate_step does it.
 
@@ -305,10 +305,10 @@ class Cluster:
         except BaseException:
             self.driver.close(sid)
             raise
-        yield from self.driver.decode(sid, max_tokens, eos, stats)
+        yield from self.driver.decode(sid, max_tokens, eos, stats, keep)
 
-    def resume(self, session_id: str, max_tokens: int = 256, stop_at_eos: bool = True) -> Iterator[int]:
-        """Yield the tokens after a restored (or adopted) session's pending one; drops the session at the end."""
+    def resume(self, session_id: str, max_tokens: int = 256, stop_at_eos: bool = True, keep: bool = False) -> Iterator[int]:
+        """Yield the tokens after a restored, kept or adopted session's pending one; drops it at the end unless ``keep``."""
         live = migration.live_session(self, session_id)
         if live.pending is None:
             raise ClusterError(f"session {session_id!r} has no pending token to continue from (restore it from a snapshot)")
@@ -316,8 +316,14 @@ class Cluster:
             with live.lock:
                 self.driver.adopt(live, *migration.gather(self, live))
         eos = set(self.tokenizer.eos_token_ids) if stop_at_eos else set()
+        j = self.driver.journals[session_id]
+        room = j.max_context - j.offset()  # each token after the pending one takes a position
+        if max_tokens > room:
+            _log.warning("session %s has room for %d more positions of its %d; generating %d tokens, not %d",
+                        session_id, room, j.max_context, room, max_tokens)
+            max_tokens = max(room, 0)
         self.stats = Stats()
-        gen = self.driver.decode(session_id, max_tokens + 1, eos, self.stats)
+        gen = self.driver.decode(session_id, max_tokens + 1, eos, self.stats, keep)
         next(gen)  # the pending token, which the snapshot's caller already has
         yield from gen
 
@@ -352,7 +358,10 @@ class Cluster:
         """Re-plan over ``nodes`` (a node joined or is drained), moving every live session's KV with its layers."""
         return migration.replan(self, nodes, context, cache)
 
-    def generate(self, prompt, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, stop=(), cache=None, chat=True) -> Iterator[str]:
+    def generate(
+        self, prompt, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, stop=(), cache=None, chat=True,
+        session_id=None, keep=False, max_context=None,
+    ) -> Iterator[str]:
         """Yield text pieces as they are generated; stops at EOS, ``max_tokens`` or a ``stop`` string."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         detok = self.tokenizer.detokenizer
@@ -361,7 +370,7 @@ class Cluster:
         hold = max((len(s) for s in stop), default=1) - 1
         pending = ""
         eos = set(self.tokenizer.eos_token_ids)
-        tokens = self.generate_tokens(ids, max_tokens, temperature, top_p, seed, cache)
+        tokens = self.generate_tokens(ids, max_tokens, temperature, top_p, seed, cache, max_context, session_id=session_id, keep=keep)
         try:
             for token in tokens:
                 if token in eos:

@@ -204,8 +204,14 @@ class Driver:
             rest = rest[n:]
         return self.step(sid, rest, pb.TOKEN)
 
-    def decode(self, sid: str, max_tokens: int, eos: set, stats: Optional[Stats] = None) -> Iterator[int]:
-        """Yield tokens from the session's pending one on; each is fed back as the next step. Closes the session."""
+    def release(self, sid: str) -> None:
+        """Stop driving the session but leave it on its nodes (kept: ``turbo-cluster resume`` continues it)."""
+        self.live.pop(sid, None)
+        self.journals.pop(sid, None)
+
+    def decode(self, sid: str, max_tokens: int, eos: set, stats: Optional[Stats] = None, keep: bool = False) -> Iterator[int]:
+        """Yield tokens from the session's pending one on; each is fed back as the next step. Closes the
+        session at the end, or with ``keep`` leaves it on its nodes with its last token pending there."""
         live = self.live[sid]
         stats = stats or Stats()
         t1 = time.perf_counter()
@@ -223,7 +229,7 @@ class Driver:
                 stats.hops.append([(h.node_id, h.compute_ms, h.total_ms, h.bytes_in) for h in reply.hops])
                 stats.decode_s = time.perf_counter() - t1
         finally:
-            self.close(sid)
+            (self.release if keep else self.close)(sid)
 
     def _run(self, j: Journal) -> pb.ForwardReply:
         """Bring the session's caches up to the end of its journal; the reply of the last step."""

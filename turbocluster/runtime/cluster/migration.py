@@ -90,10 +90,11 @@ def live_session(cluster, session_id, refresh=False):
         if s.next_address not in holders:
             raise MigrationError(f"session {session_id!r} continues at {s.next_address}, which is not connected or lacks it")
         at = holders[s.next_address]
-    if live is not None:
-        live.route = route
-        return live
-    live = cluster.live[session_id] = Live(session_id, route)
+    if live is None:
+        live = cluster.live[session_id] = Live(session_id, route)
+    live.route = route
+    if live.pending is None and s.HasField("pending_token"):  # a kept session: its last node's unfed token
+        live.pending = s.pending_token
     return live
 
 

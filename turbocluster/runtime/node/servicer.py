@@ -282,6 +282,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             kv_bytes_used=s.kv_bytes_used(),
             next_address=s.next_address,
             created_unix=s.created,
+            pending_token=s.pending_token,
         )
 
     @_rpc
@@ -350,6 +351,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this session's caches cannot be trimmed (a sliding window wrapped)")
             self.host.run(lambda: [c.trim(request.count) for c in session.caches])
             session.last_step = None  # a trimmed step is no longer applied: its retry runs again
+            if request.count:
+                session.pending_token = None
             if request.count:
                 session.history = session.history[: max(0, len(session.history) - request.count)]
             return self._session_info(session)

@@ -217,6 +217,7 @@ def execute(node, request, data, context) -> pb.ForwardReply:
                 raise
         else:
             reply = _local_reply(session, want, out)
+            session.pending_token = out if want == pb.TOKEN else None
         if record is not None:
             record.pending, record.reply = None, reply.SerializeToString()
             session.last_step = record

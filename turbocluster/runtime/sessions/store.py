@@ -46,6 +46,7 @@ class Session:
     holder_expires: float = 0.0  # time.monotonic() when that lock lapses
     last_step: object = None  # node/steps.py's record of the last step applied (idempotency)
     history: list = field(default_factory=list, repr=False)  # recent input token ids (last node's logits processors)
+    pending_token: object = None  # last node: the token its last TOKEN step sampled (a kept session resumes from it)
 
     @property
     def offset(self):
