@@ -14,7 +14,7 @@ from ...proto import turbo_pb2 as pb
 from ...proto import turbo_pb2_grpc as pb_grpc
 from ..transport import auth, discovery, wire
 from ..transport.client import CHANNEL_OPTIONS
-from .gate import Gate
+from .gate import Gate, Refused
 from .servicer import DEFAULT_SESSION_TTL, SERVICE, NodeServicer, backend
 
 
@@ -79,7 +79,10 @@ def serve(
         except Exception as e:
             raise SystemExit(f"turbo-node: {e}") from None
     if layers is not None:
-        servicer.host.load(model, *layers)
+        try:
+            servicer.host.load(model, *layers)
+        except Refused as e:  # e.g. the layers' weights pass --memory-budget
+            raise SystemExit(f"turbo-node: {e}") from None
     server, bound = make_server(servicer, host, port, faults=faults)
     mode = ("authenticated" if secret else "no auth") + (", TLS" if tls else "")
     print(f"turbo-node {servicer.name} ({servicer.node_id}) serving on {host}:{bound} ({mode})", flush=True)
