@@ -99,3 +99,26 @@ def test_a_load_that_fits_alone_but_not_beside_the_reserved_kv_is_refused(node):
     client.drop("big")
     info = client.load(path, 1, 5)
     assert (info.layer_start, info.layer_end, info.is_last) == (1, 5, True)
+
+
+LOAD_MARGIN = 24 << 20  # what loading may hold beyond the weights it keeps, at its peak
+
+
+def test_loading_peaks_near_the_weights_it_keeps(tiny_model_dirs):
+    """A node loading the whole tiny qwen3 (bfloat16 on disk, float32 on CPU) into a 160 MiB budget
+    peaks within a fixed margin of the weights: tensors are converted one at a time (not every one
+    in both dtypes at once) and no tokenizer is loaded on a node."""
+    path = tiny_model_dirs["qwen3"]
+    desc = loader.describe(path)
+    [local] = start_local_nodes(1, memory_budget=160 << 20)
+    client = NodeClient(local.address, desc["identity"], will_load=True)
+    try:
+        empty = _rss(local.proc.pid)
+        info = client.load(path, 0, desc["num_layers"])
+        peak = _rss(local.proc.pid, "VmHWM") - empty
+        print(f"weights {info.weights_bytes >> 20} MiB, load peak {peak >> 20} MiB over the empty node")
+        assert info.weights_bytes == loader.weights_bytes(desc, 0, desc["num_layers"])
+        assert peak <= info.weights_bytes + LOAD_MARGIN
+    finally:
+        client.close()
+        stop_local_nodes([local])

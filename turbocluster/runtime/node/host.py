@@ -96,7 +96,7 @@ class ModelHost:
         self.progress(pb.LOADING, 0.1, f"loading layers {start}:{end} of {desc['name']}")
 
         def load():
-            model, _ = loader.load(model_arg, layers=(start, end))
+            model, _ = loader.load(model_arg, layers=(start, end), tokenizer=False)
             mx.eval(model.parameters())
             weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
             with self.lock:
