@@ -291,7 +291,8 @@ def gather(cluster, live, holder=""):
     caches, meta = gather_stages(live.route, live.session_id, holder)
     if len(live.tokens) == meta["num_tokens"]:
         meta["token_ids"] = list(live.tokens)
-    meta["pending_token"] = live.pending
+    if live.pending is not None or "pending_token" not in meta:  # else: the last node's, for a kept session
+        meta["pending_token"] = live.pending
     return caches, meta
 
 

@@ -79,8 +79,11 @@ def _check_range(layers, n):
     return start, end
 
 
-def load(model=None, layers=None):
+def load(model=None, layers=None, tokenizer=True):
     """Return ``(model, tokenizer)``; ``layers=(start, end)`` keeps only those layers.
+
+    ``tokenizer=False`` returns ``(model, None)`` without loading one (a node needs none;
+    the tokenizer library alone is tens of MiB resident).
 
     ``model`` is None (the bundled GGUF), a ``.gguf`` path, a local mlx-lm
     model directory or a Hugging Face repo id.
@@ -91,9 +94,9 @@ def load(model=None, layers=None):
         n = meta["llama.block_count"]
         start, end = _check_range(layers, n)
         net = gguf.build_model(tensors, meta, start, end, use_float32())
-        tok = gguf.tokenizer(meta)
+        tok = gguf.tokenizer(meta) if tokenizer else None
     else:
-        net, tok, n, start, end = _load_dir(path, layers)
+        net, tok, n, start, end = _load_dir(path, layers, tokenizer)
     net.layer_range = (start, end)
     net.num_layers_total = n
     return net, tok
@@ -109,7 +112,7 @@ def load_tokenizer(model=None):
     return mlx_load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
 
 
-def _load_dir(path, layers):
+def _load_dir(path, layers, tokenizer=True):
     """mlx-lm load with lazy weights; only the kept layers are ever evaluated."""
     from mlx_lm.utils import load_model, load_tokenizer
 
@@ -123,8 +126,9 @@ def _load_dir(path, layers):
     shard.restrict(net, start, end)
     if use_float32():
         net.set_dtype(mx.float32)
-    mx.eval(net.parameters())
-    tok = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    for _, v in tree_flatten(net.parameters()):  # one at a time: the file-dtype copy of one tensor beside
+        mx.eval(v)  # the converted ones, not every tensor twice at once (loading stays near the weights' bytes)
+    tok = load_tokenizer(path, eos_token_ids=config.get("eos_token_id")) if tokenizer else None
     return net, tok, n, start, end
 
 

@@ -23,9 +23,10 @@ _OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # no handshake needed
 class Refused(Exception):
     """A request the node will not serve; ``code`` is the grpc.StatusCode to answer with."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, reason=None):
         super().__init__(message)
         self.code = code
+        self.reason = reason  # transport.errors.REASON_*, sent as turbo-reason beside the status
 
 
 class Gate(grpc.ServerInterceptor):

@@ -18,6 +18,7 @@ from ...proto import turbo_pb2 as pb
 from ..cache.config import kv_bytes
 from ..model import shard
 from ..transport import wire
+from ..transport.errors import REASON_TOO_LARGE
 from .gate import Refused
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,23 @@ class ModelHost:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} has no layers loaded; call LoadLayers")
         return model
 
+    def check_fits(self, desc: dict, start: int, end: int, reserved: int = 0) -> int:
+        """The weight bytes of layers ``start:end``; refused (RESOURCE_EXHAUSTED, too-large) before a
+        weight is read when they and the ``reserved`` KV bytes would pass the memory budget."""
+        from ..model.loader import weights_bytes
+
+        need = weights_bytes(desc, start, end)
+        if need + reserved > self.memory_budget:
+            kv = f" + {reserved} bytes of KV already reserved" if reserved else ""
+            free = "free its sessions, " if reserved else ""
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"layers {start}:{end} of {desc['name']} need {need} bytes of weights{kv}, over node {self.name}'s "
+                f"{self.memory_budget}-byte memory budget: {free}give this node fewer layers or a larger --memory-budget",
+                REASON_TOO_LARGE,
+            )
+        return need
+
     def start_load(self, model_arg, desc: dict, start: int, end: int) -> futures.Future:
         """Load layers ``start:end`` of ``model_arg`` on the model thread; the future's result is the model, installed."""
         from ..model import loader
@@ -78,7 +96,7 @@ class ModelHost:
         self.progress(pb.LOADING, 0.1, f"loading layers {start}:{end} of {desc['name']}")
 
         def load():
-            model, _ = loader.load(model_arg, layers=(start, end))
+            model, _ = loader.load(model_arg, layers=(start, end), tokenizer=False)
             mx.eval(model.parameters())
             weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
             with self.lock:
@@ -95,7 +113,9 @@ class ModelHost:
         """Describe and load ``start:end`` of ``model_arg`` now (``turbo-node serve --layers``)."""
         from ..model import loader
 
-        return self.start_load(model_arg, loader.describe(model_arg), start, end).result()
+        desc = loader.describe(model_arg)
+        self.check_fits(desc, start, end)
+        return self.start_load(model_arg, desc, start, end).result()
 
     def kv_bytes(self, max_context: int, cache: dict) -> int:
         """KV bytes this node's layers need for ``max_context`` positions (sliding layers capped at their window)."""

@@ -22,7 +22,7 @@ from ..sessions.calls import send
 from ..sessions.container import SessionFormatError
 from ..sessions.store import INBOUND_FACTOR, SessionError
 from ..transport.errors import REASON_HANDSHAKE, REASON_MOVE_WHOLE, REASON_TOO_LARGE, reason_of
-from ..sessions.transfer import append, chunks, export_session, import_session, receive, status_of
+from ..sessions.transfer import append, chunks, export_session, import_session, receive, restore_extras, status_of
 from . import steps
 
 
@@ -208,6 +208,7 @@ def _staged(node):
 
 def _append_delta(session, data, expect):
     tail, meta = session_io.unpack_session(data, dict(expect, delta_from=session.offset))
+    restore_extras(session, meta)  # the sampler key and penalty history as of the tail, not the staged copy
     append(session.caches, tail)
 
 

@@ -1,11 +1,13 @@
 """Running a node: the gRPC server with its interceptors, health and reflection, zeroconf, signals."""
 
+import logging
 import signal
 import sys
 import threading
 from concurrent import futures
 
 import grpc
+import mlx.core as mx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -14,8 +16,10 @@ from ...proto import turbo_pb2 as pb
 from ...proto import turbo_pb2_grpc as pb_grpc
 from ..transport import auth, discovery, wire
 from ..transport.client import CHANNEL_OPTIONS
-from .gate import Gate
+from .gate import Gate, Refused
 from .servicer import DEFAULT_SESSION_TTL, SERVICE, NodeServicer, backend
+
+logger = logging.getLogger(__name__)
 
 
 def make_server(servicer, host="127.0.0.1", port=0, max_workers=16, faults=None):
@@ -53,6 +57,24 @@ def make_server(servicer, host="127.0.0.1", port=0, max_workers=16, faults=None)
     return server, bound
 
 
+CACHE_FRACTION = 16  # MLX may keep 1/16 of the memory budget in freed buffers for reuse
+
+
+def cap_buffer_cache(memory_budget: int) -> int:
+    """Cap MLX's cache of freed buffers (process-wide) at a fraction of the budget; returns the cap.
+
+    The budget counts weights, KV and inbound containers; the buffers MLX keeps after a step
+    or an import for reuse are counted nowhere, and by default it may keep up to its memory limit.
+    """
+    cap = memory_budget // CACHE_FRACTION
+    previous = mx.set_cache_limit(cap)
+    if previous < cap:
+        mx.set_cache_limit(previous)
+        cap = previous
+    logger.info("MLX buffer cache capped at %d bytes", cap)
+    return cap
+
+
 def serve(
     host="127.0.0.1", port=0, model=None, layers=None, memory_budget=None, name=None, advertise=True, secret=None,
     session_ttl=DEFAULT_SESSION_TTL, tls=None, faults=None, models_dir=None,
@@ -71,6 +93,7 @@ def serve(
         print(f"warning: fault injection is on: {faults}", file=sys.stderr, flush=True)
     servicer = NodeServicer(name=name, memory_budget=memory_budget, secret=secret, session_ttl=session_ttl, tls=tls)
     servicer.models_dir = models_dir
+    cap_buffer_cache(servicer.memory_budget)
     if models_dir is not None and layers is not None:
         from .model_access import resolve
 
@@ -79,7 +102,10 @@ def serve(
         except Exception as e:
             raise SystemExit(f"turbo-node: {e}") from None
     if layers is not None:
-        servicer.host.load(model, *layers)
+        try:
+            servicer.host.load(model, *layers)
+        except Refused as e:  # e.g. the layers' weights pass --memory-budget
+            raise SystemExit(f"turbo-node: {e}") from None
     server, bound = make_server(servicer, host, port, faults=faults)
     mode = ("authenticated" if secret else "no auth") + (", TLS" if tls else "")
     print(f"turbo-node {servicer.name} ({servicer.node_id}) serving on {host}:{bound} ({mode})", flush=True)

@@ -26,7 +26,6 @@ from . import migration_rpc, model_access, steps
 from ..cache.factory import make_caches
 from ..cache.config import CacheConfig, CacheConfigError
 from ..model import sampling
-from ..model.loader import weights_bytes
 from ..model import shard as stage
 from ..transport import auth, errors, wire
 from ..transport.client import MD_COMPAT, MD_PROTOCOL, MD_TOKEN, NodeClient
@@ -205,13 +204,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                 f"LoadLayers asked for {desc['name']} (identity {desc['identity'][:16]}...), "
                 "which is not the model this connection's handshake named",
             )
-        need = weights_bytes(desc, start, end)
-        if need > self.host.memory_budget:
-            raise Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"layers {start}:{end} of {desc['name']} need {need} bytes of weights, "
-                f"over node {self.name}'s {self.memory_budget}-byte budget",
-            )
+        # before a weight is read: the layers' weights beside the KV live and staged sessions hold
+        self.host.check_fits(desc, start, end, self.sessions.reserved() + migration_rpc._staged_bytes(self))
         if len(self.sessions):
             held = ", ".join(sorted(x.session_id for x in self.sessions.list())[:3])
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{len(self.sessions)} live sessions ({held}) hold this node's "

@@ -3,6 +3,7 @@
 from ...kernels.format import FORMAT_VERSION
 from ...proto import turbo_pb2 as pb
 from ..transport import wire
+from ..transport.streams import Replayable
 from . import container as session_io
 from .container import SessionFormatError
 from .transfer import chunks, receive
@@ -11,13 +12,19 @@ TRANSFER_TIMEOUT = 300.0  # seconds for one export, import or push: a long conte
 
 
 def send(client, header, data, chunk_bytes=wire.CHUNK_BYTES, pieces=None):
-    """ImportSession on ``client``: ``header`` (a SessionHeader), then ``data`` in chunks. Returns SessionInfo."""
+    """ImportSession on ``client``: ``header`` (a SessionHeader), then ``data`` in chunks. Returns SessionInfo.
+
+    The chunk messages are made from ``data`` as they are sent (twice with a cluster secret:
+    once for the credential's digest), so the sender holds ``data`` and about one chunk;
+    ``pieces`` (``(index, bytes, crc32)``, read once) replaces ``data``'s chunks.
+    """
     def messages():
         yield pb.SessionChunk(header=header)
         for index, piece, crc in pieces or chunks(data, chunk_bytes):
             yield pb.SessionChunk(chunk=pb.Chunk(index=index, data=piece, crc32=crc))
 
-    return client.stub.ImportSession(messages(), metadata=client.metadata, timeout=TRANSFER_TIMEOUT)
+    stream = messages() if pieces is not None else Replayable(messages)
+    return client.stub.ImportSession(stream, metadata=client.metadata, timeout=TRANSFER_TIMEOUT)
 
 
 def fetch(client, session_id, layers=None, keep_prefill=False, holder=""):

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..cache import kinds
-from ..model.sampling import SamplingError, check as check_sampling
+from ..model.sampling import SamplingError, check as check_sampling, history_size
 from ..transport import wire
 from . import container as session_io
 from .container import SessionFormatError
@@ -87,6 +87,8 @@ def session_meta(session, model_identity, layers, token_ids=()):
         "max_context": session.max_context,
         "sampling": dict(session.sampling),
         "rng_key": rng,
+        "history": [int(t) for t in session.history],  # the logits processors' recent ids (repetition penalty)
+        "pending_token": session.pending_token,  # last stage: the sampled token not fed yet (a kept session's next input)
     }
 
 
@@ -193,7 +195,7 @@ def receive(chunks, total_bytes, max_bytes=session_io.MAX_SESSION_BYTES):
 
 
 def _check_extras(meta, max_context_limit):
-    """The session fields a node needs besides the caches, checked; returns (max_context, sampling, rng)."""
+    """The session fields a node needs besides the caches, checked; returns (max_context, sampling, rng, history)."""
     n = meta["num_tokens"]
     mc = meta.get("max_context", n)
     if type(mc) is not int or not max(n, 1) <= mc <= max_context_limit:
@@ -208,7 +210,22 @@ def _check_extras(meta, max_context_limit):
         isinstance(rng, list) and len(rng) == 2 and all(type(x) is int and 0 <= x < 1 << 32 for x in rng)
     ):
         raise SessionFormatError("meta.rng_key", f"expected two 32-bit ints, found {rng!r}")
-    return mc, sampling, rng
+    history = meta.get("history") or []  # absent in containers from before it travelled
+    n = history_size(sampling)
+    if not (isinstance(history, list) and len(history) <= n and all(type(t) is int and 0 <= t < 1 << 32 for t in history)):
+        raise SessionFormatError("meta.history", f"expected at most {n} 32-bit token ids (the sampling's look-back), found {history!r:.80}")
+    pending = meta.get("pending_token")
+    if pending is not None and not (type(pending) is int and 0 <= pending < 1 << 32):
+        raise SessionFormatError("meta.pending_token", f"expected a 32-bit token id or nil, found {pending!r:.40}")
+    return mc, sampling, rng, history
+
+
+def restore_extras(session, meta) -> None:
+    """Set ``session``'s sampler key and penalty history from a delta's meta (a staged copy's were older)."""
+    _, _, rng, history = _check_extras(dict(meta, max_context=session.max_context), session.max_context)
+    session.rng_state = session.rng_state if rng is None else mx.array(rng, dtype=mx.uint32)
+    session.history = list(history)
+    session.pending_token = meta.get("pending_token")
 
 
 def import_session(data, expect, kv_bytes, session_id="", next_address="", max_context_limit=1 << 20):
@@ -221,7 +238,7 @@ def import_session(data, expect, kv_bytes, session_id="", next_address="", max_c
     hand the result to ``SessionStore.add``, which adds it whole or not at all.
     """
     caches, meta = session_io.unpack_session(data, expect)
-    max_context, sampling, rng = _check_extras(meta, max_context_limit)
+    max_context, sampling, rng, history = _check_extras(meta, max_context_limit)
     sid = session_id or meta.get("session_id") or ""
     if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SESSION_ID:
         raise SessionFormatError("meta.session_id", f"expected a string of 1..{MAX_SESSION_ID} characters, found {sid!r}")
@@ -234,6 +251,8 @@ def import_session(data, expect, kv_bytes, session_id="", next_address="", max_c
         next_address=next_address,
         sampling=sampling,
         rng_state=None if rng is None else mx.array(rng, dtype=mx.uint32),
+        history=history,
+        pending_token=meta.get("pending_token"),
     )
 
 
@@ -259,7 +278,8 @@ def merge(parts):
         meta["layers"] = (meta["layers"][0], m["layers"][1])
         meta["token_ids"] = meta["token_ids"] or m["token_ids"]
         if m["layers"][1] == meta["layers"][1]:  # the last stage samples: its settings win
-            meta["sampling"], meta["rng_key"] = m.get("sampling"), m.get("rng_key")
+            meta["sampling"], meta["rng_key"], meta["history"] = m.get("sampling"), m.get("rng_key"), m.get("history", [])
+            meta["pending_token"] = m.get("pending_token")
     return caches, meta
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import grpc
 
 from . import errors, handlers
+from .streams import digest_then_messages, hasher as _stream_hasher, stream_digest, update as _stream_update  # noqa: F401  (stream_digest: callers' name)
 
 log = logging.getLogger(__name__)
 
@@ -134,23 +135,6 @@ def body_digest(request) -> str:
     """sha256 hex of a request's serialised bytes (``request`` is bytes or a protobuf message)."""
     raw = request if isinstance(request, (bytes, bytearray)) else request.SerializeToString()
     return sha256(raw).hexdigest()
-
-
-def stream_digest(messages) -> str:
-    """sha256 over a streamed request's messages, each length-prefixed (bytes or protobuf messages)."""
-    h = _stream_hasher()
-    for m in messages:
-        _stream_update(h, m if isinstance(m, (bytes, bytearray)) else m.SerializeToString())
-    return h.hexdigest()
-
-
-def _stream_hasher():
-    return sha256(b"turbo-cluster-stream/v2\n")
-
-
-def _stream_update(h, raw):
-    h.update(len(raw).to_bytes(8, "big"))
-    h.update(raw)
 
 
 def make_credential(secret, method: str, now=None, target: str = "", body: str = STREAM_BODY) -> str:
@@ -423,12 +407,12 @@ class AuthClientInterceptor(
         return continuation(self._details(details, request), request)
 
     def intercept_stream_unary(self, continuation, details, request_iterator):
-        messages = list(request_iterator)  # the credential covers every message, so they are made first
-        return continuation(self._details(details, body=stream_digest(messages)), iter(messages))
+        body, messages = digest_then_messages(request_iterator)  # the credential covers every message
+        return continuation(self._details(details, body=body), messages)
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
-        messages = list(request_iterator)
-        return continuation(self._details(details, body=stream_digest(messages)), iter(messages))
+        body, messages = digest_then_messages(request_iterator)
+        return continuation(self._details(details, body=body), messages)
 
 
 def authenticated_channel(channel, secret, interceptor=None):

@@ -15,6 +15,7 @@ from ...proto import turbo_pb2 as pb
 from ...proto import turbo_pb2_grpc as pb_grpc
 from ..cache.config import CacheConfig
 from . import auth, errors, wire
+from .streams import Replayable
 
 MD_PROTOCOL, MD_TOKEN, MD_COMPAT = "turbo-protocol", "turbo-token", "turbo-compat"
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default cap; payloads above CHUNK_BYTES go by ForwardStream
@@ -174,7 +175,8 @@ class NodeClient:
             for c in wire.proto_chunks(raw):
                 yield pb.ForwardChunk(chunk=c)
 
-        return self.stub.ForwardStream(messages(), metadata=self.metadata, timeout=timeout or FORWARD_TIMEOUT)
+        # made as sent (twice with a secret: the credential's digest first), never all held beside ``raw``
+        return self.stub.ForwardStream(Replayable(messages), metadata=self.metadata, timeout=timeout or FORWARD_TIMEOUT)
 
     def trim(self, session_id, count, timeout=None, holder=""):
         return self._unary(self.stub.Trim, pb.TrimRequest(session_id=session_id, count=count, holder=holder), timeout)
