@@ -177,3 +177,39 @@ def test_cli_status_resume_and_drop(server, client):
     assert _cli("drop", sid, "--server", url, "--api-key", KEY).returncode == 0
     again = _cli("drop", sid, "--server", url, "--api-key", KEY)
     assert again.returncode == 1 and "HTTP 404" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_top_k_and_min_p_reach_the_last_nodes_sampler(client):
+    """temperature 1 with top_k 1 (or min_p 1) keeps only the argmax: the greedy answer, sampled by the node."""
+    greedy = ask(client, "Name three animals.", max_tokens=10).choices[0].message.content
+    msgs = [{"role": "user", "content": "Name three animals."}]
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        r = client.chat.completions.create(model="any", messages=msgs, max_tokens=10, temperature=1.0, extra_body=extra)
+        assert r.choices[0].message.content == greedy, extra
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_rest_complete():
+    proc, url, lines = start_server("--workers", "1", "--queue", "1")
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+        results = [None] * 5
+
+        def run(i):
+            try:
+                results[i] = ask(c, f"Tell me a story number {i}.", max_tokens=24).choices[0].message.content
+            except openai.APIStatusError as e:
+                results[i] = (e.status_code, e.response.headers.get("retry-after"))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(results))]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(300)
+        busy = [r for r in results if isinstance(r, tuple)]
+        done = [r for r in results if isinstance(r, str)]
+        assert busy and all(r[0] == 503 and r[1] and int(r[1]) >= 1 for r in busy), results
+        assert 2 <= len(done) and all(done), results  # one running, one queued: both answered
+        assert ask(c, "Say hi.", max_tokens=4).choices[0].message.content  # free again afterwards
+    finally:
+        assert stop_server(proc) == 0, "".join(lines)[-3000:]

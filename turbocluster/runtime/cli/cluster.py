@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold; 0 = off")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability; 0 = off")
+    gen.add_argument("--repetition-penalty", type=float, default=0.0, help="divide repeated tokens' logits by this; 0 = off")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", nargs="*", default=[], help="stop when any of these strings appears")
     gen.add_argument("--max-context", type=int, default=None, help="positions to reserve (default prompt + max tokens)")
@@ -176,6 +179,12 @@ def check_generate(args) -> None:
         raise UsageError(f"--top-p must be between 0 and 1 (0 = off), got {args.top_p:g}")
     if args.max_context is not None and args.max_context < 1:
         raise UsageError(f"--max-context must be at least 1, got {args.max_context}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not (math.isfinite(args.min_p) and 0 <= args.min_p <= 1):
+        raise UsageError(f"--min-p must be between 0 and 1 (0 = off), got {args.min_p:g}")
+    if not (math.isfinite(args.repetition_penalty) and args.repetition_penalty >= 0):
+        raise UsageError(f"--repetition-penalty must be >= 0 (0 = off), got {args.repetition_penalty:g}")
     if not (math.isfinite(args.step_timeout) and args.step_timeout > 0):
         raise UsageError(f"--step-timeout must be > 0 seconds, got {args.step_timeout:g}")
     if args.checkpoint_every < 0:
@@ -250,6 +259,7 @@ def generate(args) -> int:
         pieces = cluster.generate(
             ids, args.max_tokens, args.temp, args.top_p, args.seed, args.stop, cache,
             session_id=sid, keep=args.keep, max_context=args.max_context,
+            sampling=dict(top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty),
         )
         for piece in pieces:
             output.stream(piece)

@@ -282,7 +282,7 @@ class Cluster:
 
     def generate_tokens(
         self, prompt_ids, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, cache=None, max_context=None, stop_at_eos=True,
-        session_id=None, keep=False,
+        session_id=None, keep=False, sampling=None,
     ) -> Iterator[int]:
         """Yield generated token ids (stops at EOS or ``max_tokens``); as mlx_lm.generate_step does it.
 
@@ -297,7 +297,9 @@ class Cluster:
         eos = set(self.tokenizer.eos_token_ids) if stop_at_eos else set()
         sid = session_id or uuid.uuid4().hex
         stats = self.stats = Stats(prompt_tokens=len(prompt_ids))
-        live = self.driver.open(sid, max_context or len(prompt_ids) + max_tokens, cache, temperature, top_p, seed, prompt_ids)
+        live = self.driver.open(
+            sid, max_context or len(prompt_ids) + max_tokens, cache, temperature, top_p, seed, prompt_ids, **(sampling or {})
+        )
         try:
             t0 = time.perf_counter()
             live.pending = self.driver.prefill(sid, prompt_ids).token
@@ -360,7 +362,7 @@ class Cluster:
 
     def generate(
         self, prompt, max_tokens=256, temperature=0.0, top_p=0.0, seed=None, stop=(), cache=None, chat=True,
-        session_id=None, keep=False, max_context=None,
+        session_id=None, keep=False, max_context=None, sampling=None,
     ) -> Iterator[str]:
         """Yield text pieces as they are generated; stops at EOS, ``max_tokens`` or a ``stop`` string."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
@@ -370,7 +372,9 @@ class Cluster:
         hold = max((len(s) for s in stop), default=1) - 1
         pending = ""
         eos = set(self.tokenizer.eos_token_ids)
-        tokens = self.generate_tokens(ids, max_tokens, temperature, top_p, seed, cache, max_context, session_id=session_id, keep=keep)
+        tokens = self.generate_tokens(
+            ids, max_tokens, temperature, top_p, seed, cache, max_context, session_id=session_id, keep=keep, sampling=sampling
+        )
         try:
             for token in tokens:
                 if token in eos:

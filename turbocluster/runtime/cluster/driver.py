@@ -54,6 +54,7 @@ class Journal:
     temperature: float = 0.0
     top_p: float = 0.0
     seed: object = None
+    sampling: dict = field(default_factory=dict)  # the other pb.Sampling fields (top_k, min_p, penalties)
     steps: list = field(default_factory=list)
     epoch: int = 0  # the plan generation the session's caches live on (-1: must be rebuilt)
     done: int = 0  # steps whose KV the current plan holds
@@ -97,17 +98,22 @@ class Driver:
 
     # -- opening and closing --
 
-    def open(self, sid, max_context, cache=None, temperature=0.0, top_p=0.0, seed=None, prompt=()) -> Live:
-        """Create the session on every node of the plan (last node first) and start its journal."""
+    def open(self, sid, max_context, cache=None, temperature=0.0, top_p=0.0, seed=None, prompt=(), **sampling) -> Live:
+        """Create the session on every node of the plan (last node first) and start its journal.
+
+        ``sampling``: the other ``pb.Sampling`` fields (top_k, min_p, repetition_penalty, ...): the last node
+        samples with mlx-lm's own sampler and logits processors."""
         m = self.cluster.membership
-        j = self.journals[sid] = Journal(sid, max_context, dict(cache or {}), temperature, top_p, seed, epoch=m.epoch)
+        j = self.journals[sid] = Journal(
+            sid, max_context, dict(cache or {}), temperature, top_p, seed, dict(sampling), epoch=m.epoch
+        )
         live = self.live[sid] = Live(sid, migration.current_route(self.cluster), list(prompt))
         clients = [st.client for st in live.route]
         try:
             for i in reversed(range(len(clients))):
                 nxt = clients[i + 1].address if i + 1 < len(clients) else ""
                 try:
-                    clients[i].create_session(sid, max_context, cache, nxt, temperature, top_p, seed)
+                    clients[i].create_session(sid, max_context, cache, nxt, temperature, top_p, seed, **sampling)
                 except grpc.RpcError as e:
                     if e.code() not in RETRYABLE:
                         raise from_rpc("", clients[i].address, e) from None
@@ -127,6 +133,7 @@ class Driver:
             live.session_id, int(meta.get("max_context") or n + 1), dict(meta.get("cache_config") or {}),
             float(sampling.get("temperature", 0.0)), float(sampling.get("top_p", 0.0)),
             seed=meta.get("rng_key"),  # the sampler's key travels in the KV: replays after it are reproducible
+            sampling={k: v for k, v in sampling.items() if k not in ("temperature", "top_p", "seed")},
             epoch=self.cluster.membership.epoch, steps=[Step(ids, pb.NONE)], done=1,
             checkpoint=(caches, meta), checkpoint_done=1, replayable=False,
         )
@@ -341,7 +348,9 @@ class Driver:
                 for attempt in range(p.retries + 1):
                     drop(c, j.session_id, p.probe_timeout_s)
                     try:
-                        return c.create_session(j.session_id, j.max_context, j.cache, nxt, j.temperature, j.top_p, j.seed)
+                        return c.create_session(
+                            j.session_id, j.max_context, j.cache, nxt, j.temperature, j.top_p, j.seed, **j.sampling
+                        )
                     except grpc.RpcError as e:
                         # an earlier attempt that timed out ran after the drop: drop that one too
                         if e.code() != grpc.StatusCode.ALREADY_EXISTS or attempt == p.retries:

@@ -8,8 +8,8 @@ chat prefills only its own tokens. Sessions are created as
 failover) but are not dropped at the end of a request; the least recently used
 idle ones are dropped past ``max_kept``.
 
-No MLX runs here: tokens come back from the last node, or its logits when the
-request asks for top_k/min_p, sampled here with numpy.
+No MLX runs here: the last node samples every request with mlx-lm's own
+sampler (temperature, top_p, top_k, min_p, seed), as ``generate`` does.
 """
 
 import logging
@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import grpc
-import numpy as np
 
 from ...proto import turbo_pb2 as pb
 from ..cluster.cluster import PREFILL_STEP
 from ..transport.errors import ClusterError
-from ..transport.wire import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +38,9 @@ class Sampling:
     seed: Optional[int] = None
 
     @property
-    def on_node(self) -> bool:
-        """The last node samples it (greedy, temperature, top_p); else it returns logits."""
-        return self.temperature == 0 or (self.top_k == 0 and self.min_p == 0)
+    def node_fields(self) -> dict:
+        """The ``pb.Sampling`` fields beyond temperature, top_p and seed, for the last node's sampler."""
+        return {"top_k": self.top_k, "min_p": self.min_p}
 
 
 @dataclass
@@ -56,34 +54,7 @@ class Kept:
     pending: Optional[int] = None  # last sampled token, not fed
     busy: bool = True
     last_used: float = field(default_factory=time.monotonic)
-    rng: Optional[np.random.Generator] = None
     generated: int = 0  # tokens generated over its lifetime
-
-
-def sample_logits(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    """mlx-lm's order: temperature, then top_k, top_p, min_p filters, then a categorical draw."""
-    x = logits.astype(np.float64) / s.temperature
-    x -= x.max()
-    p = np.exp(x)
-    p /= p.sum()
-    order = np.argsort(-p)
-    keep = np.ones(len(order), bool)
-    if s.top_k > 0:
-        keep[s.top_k:] = False
-    if 0 < s.top_p < 1:
-        cum = np.cumsum(p[order])
-        keep &= (cum - p[order]) < s.top_p
-    if s.min_p > 0:
-        keep &= p[order] >= s.min_p * p[order[0]]
-    keep[0] = True
-    chosen = order[keep]
-    q = p[chosen] / p[chosen].sum()
-    return int(chosen[rng.choice(len(chosen), p=q)])
-
-
-def _logits(reply) -> np.ndarray:
-    t = reply.logits
-    return np.frombuffer(t.data, dtype=DTYPES[int(t.dtype)][1]).astype(np.float32).reshape(-1)
 
 
 class Engine:
@@ -121,17 +92,17 @@ class Engine:
         c = self.cluster
         sid = uuid.uuid4().hex
         max_context = max(self.context, len(ids) + max_tokens)
-        temp = sampling.temperature if sampling.on_node else 0.0
-        top_p = sampling.top_p if sampling.on_node else 0.0
         for attempt in (0, 1):
             try:  # the driver creates it on every node of the route and journals its steps for failover
-                c.driver.open(sid, max_context, self.cache, temp, top_p, sampling.seed, [])
+                c.driver.open(
+                    sid, max_context, self.cache, sampling.temperature, sampling.top_p, sampling.seed, [], **sampling.node_fields
+                )
                 break
             except ClusterError as e:
                 if attempt == 0 and e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self._evict_idle():
                     continue  # idle kept sessions held the KV budget
                 raise
-        k = Kept(sid, [], max_context, sampling, rng=np.random.default_rng(sampling.seed))
+        k = Kept(sid, [], max_context, sampling)
         with self._lock:
             self.kept[sid] = k
         return k
@@ -189,7 +160,7 @@ class Engine:
         live = c.live.get(sid)
         if live is None:
             raise ClusterError(f"session {sid} is no longer live", grpc.StatusCode.NOT_FOUND)
-        want = pb.TOKEN if k.sampling.on_node else pb.LOGITS
+        want = pb.TOKEN
         rest = list(ids[reused:])
         if len(ids) + max_tokens > k.max_context:
             raise ClusterError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} is over the context of "
@@ -206,7 +177,7 @@ class Engine:
         self._observe(reply)
         k.pending = None
         for n in range(max_tokens):
-            token = reply.token if want == pb.TOKEN else sample_logits(_logits(reply), k.sampling, k.rng)
+            token = reply.token
             k.pending = token
             k.generated += 1
             yield token
