@@ -160,6 +160,38 @@ def test_a_migrations_drop_leaves_a_pointer_and_a_drop_frees_a_staged_copy(pipel
     b.drop("mv")
 
 
+def test_node_metrics_count_what_it_served(pipeline):
+    import re
+    import urllib.request
+
+    from turbocluster.runtime.node.metrics import serve_http
+
+    a, b, servicers = pipeline
+    open_session(a, b, "met")
+    a.forward("met", PROMPT, want=pb.NONE)
+    a.forward("met", [3])
+    refused(lambda: a.forward("nope", [3]))
+    text = a.metrics()
+    name = servicers[0].name
+
+    def value(pattern):
+        m = re.search(pattern, text, re.M)
+        return float(m.group(1)) if m else None
+
+    assert value(rf'^turbo_node_positions_total\{{node="{name}"\}} (\S+)') >= len(PROMPT) + 1
+    assert value(rf'^turbo_node_rpcs_total\{{code="NOT_FOUND",method="Forward",node="{name}"\}} (\S+)') >= 1
+    assert value(rf'^turbo_node_sessions\{{node="{name}"\}} (\S+)') >= 1
+    assert value(rf'^turbo_node_kv_bytes_reserved\{{node="{name}"\}} (\S+)') > 0
+    http = serve_http(servicers[0].metrics, servicers[0], 0)  # loopback only
+    try:
+        assert http.server_address[0] == "127.0.0.1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{http.server_address[1]}/metrics") as r:
+            assert "turbo_node_steps_total" in r.read().decode()
+    finally:
+        http.shutdown()
+    drop(a, b, "met")
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_hidden_states_are_refused(pipeline, dtype, bad):

@@ -156,6 +156,13 @@ def test_metrics_count_tokens(server, client):
         text = r.read().decode()
     generated = float(re.search(r"^turbo_server_generated_tokens_total (\S+)", text, re.M).group(1))
     assert generated >= 3 and "turbo_server_hop_milliseconds_count" in text
+    # the nodes' own metrics, merged: one Forward counter and one positions counter per node
+    forwards = re.findall(r'^turbo_node_rpcs_total\{code="OK",method="Forward(?:Stream)?",node="([^"]+)"\} (\S+)', text, re.M)
+    positions = re.findall(r'^turbo_node_positions_total\{node="([^"]+)"\} (\S+)', text, re.M)
+    assert len({n for n, _ in positions}) == 2 and all(float(v) >= 3 for _, v in positions), text[-2000:]
+    assert forwards and all(float(v) >= 1 for _, v in forwards)
+    types = [line for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))  # merged into one family each, not one per node
 
 
 def _cli(*args):

@@ -106,6 +106,11 @@ class NodeStub:
                 request_serializer=turbo__pb2.LockSessionRequest.SerializeToString,
                 response_deserializer=turbo__pb2.LockSessionReply.FromString,
                 _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/turbocluster.v1.Node/GetMetrics',
+                request_serializer=turbo__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=turbo__pb2.MetricsReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -222,6 +227,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetrics(self, request, context):
+        """The node's counters and gauges (RPCs by method and status, step latency, positions,
+        sessions, KV bytes) in the Prometheus text format; `turbo-cluster serve` merges them into
+        its /metrics. Authenticated like every other call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -294,6 +308,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.LockSession,
                     request_deserializer=turbo__pb2.LockSessionRequest.FromString,
                     response_serializer=turbo__pb2.LockSessionReply.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=turbo__pb2.MetricsRequest.FromString,
+                    response_serializer=turbo__pb2.MetricsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -676,6 +695,33 @@ class Node:
             '/turbocluster.v1.Node/LockSession',
             turbo__pb2.LockSessionRequest.SerializeToString,
             turbo__pb2.LockSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/turbocluster.v1.Node/GetMetrics',
+            turbo__pb2.MetricsRequest.SerializeToString,
+            turbo__pb2.MetricsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -141,6 +141,9 @@ def parser() -> argparse.ArgumentParser:
                        help="free a session idle for this long (default 1800; 0 = never)")
     serve.add_argument("--models-dir", default=None, help="LoadLayers may open only models under this folder "
                        "(symlinks resolved; hub ids refused)")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help="also serve Prometheus /metrics over HTTP on 127.0.0.1:PORT (loopback only; "
+                       "remote collectors use the authenticated GetMetrics RPC or `turbo-cluster serve`'s /metrics)")
     serve.add_argument("--faults", default=None, help="inject faults for testing, e.g. drop:7,delay:5:0.2,corrupt:11 "
                        "(also $TURBO_FAULTS; see turbocluster/runtime/transport/faults.py)")
     for add, _ in COMMANDS.values():
@@ -158,6 +161,8 @@ def serve(args) -> int:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
     if args.session_ttl < 0:
         raise UsageError(f"--session-ttl must be >= 0 seconds, got {args.session_ttl:g}")
+    if args.metrics_port is not None and not 1 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port must be 1..65535, got {args.metrics_port}")
     try:
         injected = faults.parse(args.faults if args.faults is not None else os.environ.get(faults.ENV, ""))
     except ValueError as e:
@@ -165,10 +170,13 @@ def serve(args) -> int:
     check_model(args.model)
     key, transport = secret(args), tls(args, server=True)
     check_port_free(args.host, args.port)
+    if args.metrics_port is not None:
+        check_port_free("127.0.0.1", args.metrics_port)
     from ..node.server import serve as run
 
     run(args.host, args.port, args.model, args.layers, args.memory_budget, args.name, not args.no_advertise, key,
-        session_ttl=args.session_ttl, tls=transport, faults=injected, models_dir=args.models_dir)
+        session_ttl=args.session_ttl, tls=transport, faults=injected, models_dir=args.models_dir,
+        metrics_port=args.metrics_port)
     return 0
 
 

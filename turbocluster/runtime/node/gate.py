@@ -7,6 +7,7 @@ status) to gRPC statuses with their reason attached.
 """
 
 import re
+import time
 import zlib
 
 import grpc
@@ -125,14 +126,27 @@ def _status(e):
     return None
 
 
+def _count(node, fn, code, t0):
+    metrics = getattr(node, "metrics", None)
+    if metrics is not None:
+        metrics.rpc(fn.__name__, code, time.perf_counter() - t0)
+
+
 def rpc(fn):
-    """Map the node's refusals to gRPC statuses; anything else is a bug and surfaces as UNKNOWN."""
+    """Map the node's refusals to gRPC statuses; anything else is a bug and surfaces as UNKNOWN. Counted."""
 
     def wrapper(self, request, context):
+        t0, code = time.perf_counter(), "UNKNOWN"
         try:
-            return fn(self, request, context)
+            out = fn(self, request, context)
+            code = "OK"
+            return out
         except (Refused, SessionError, wire.WireError, grpc.RpcError) as e:
-            errors.abort(context, *_status(e), getattr(e, "reason", None), getattr(e, "extra", ()))
+            status = _status(e)
+            code = status[0].name
+            errors.abort(context, *status, getattr(e, "reason", None), getattr(e, "extra", ()))
+        finally:
+            _count(self, fn, code, t0)
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
@@ -142,10 +156,16 @@ def rpc_stream(fn):
     """``rpc`` for handlers that stream their replies."""
 
     def wrapper(self, request, context):
+        t0, code = time.perf_counter(), "UNKNOWN"
         try:
             yield from fn(self, request, context)
+            code = "OK"
         except (Refused, SessionError, wire.WireError, grpc.RpcError) as e:
-            errors.abort(context, *_status(e), getattr(e, "reason", None), getattr(e, "extra", ()))
+            status = _status(e)
+            code = status[0].name
+            errors.abort(context, *status, getattr(e, "reason", None), getattr(e, "extra", ()))
+        finally:
+            _count(self, fn, code, t0)
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper

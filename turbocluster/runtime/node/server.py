@@ -77,7 +77,7 @@ def cap_buffer_cache(memory_budget: int) -> int:
 
 def serve(
     host="127.0.0.1", port=0, model=None, layers=None, memory_budget=None, name=None, advertise=True, secret=None,
-    session_ttl=DEFAULT_SESSION_TTL, tls=None, faults=None, models_dir=None,
+    session_ttl=DEFAULT_SESSION_TTL, tls=None, faults=None, models_dir=None, metrics_port=None,
 ):
     """Run a node until SIGINT/SIGTERM: load ``layers`` of ``model`` if given, serve, advertise, withdraw.
 
@@ -109,6 +109,12 @@ def serve(
     server, bound = make_server(servicer, host, port, faults=faults)
     mode = ("authenticated" if secret else "no auth") + (", TLS" if tls else "")
     print(f"turbo-node {servicer.name} ({servicer.node_id}) serving on {host}:{bound} ({mode})", flush=True)
+    metrics_http = None
+    if metrics_port is not None:
+        from .metrics import serve_http
+
+        metrics_http = serve_http(servicer.metrics, servicer, metrics_port)
+        print(f"metrics on http://127.0.0.1:{metrics_http.server_address[1]}/metrics", flush=True)
     handle = None
     if advertise:
         props = {
@@ -129,5 +135,7 @@ def serve(
     server.health.enter_graceful_shutdown()
     discovery.withdraw(handle)
     server.stop(grace=1.0).wait()
+    if metrics_http is not None:
+        metrics_http.shutdown()
     servicer.close()
     print(f"turbo-node {servicer.name} stopped", flush=True)

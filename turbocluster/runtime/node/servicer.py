@@ -31,6 +31,7 @@ from ..transport import auth, errors, wire
 from ..transport.client import MD_COMPAT, MD_PROTOCOL, MD_TOKEN, NodeClient
 from ..sessions.store import Session, SessionStore, counted
 from .gate import Refused, rpc as _rpc, rpc_stream as _rpc_stream
+from .metrics import NodeMetrics
 from .host import ModelHost, backend, default_memory_budget  # noqa: F401  (backend: server.py imports it here)
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         budget = int(memory_budget or default_memory_budget())
         self.sessions = SessionStore(budget)
         self.host = ModelHost(self.name, budget, self.sessions)
+        self.metrics = NodeMetrics(self.name)
         self.tokens = {}  # handshake token -> compat hash it is bound to
         self._lock = self.host.lock  # guards the tokens and the host's fields against gRPC threads
         self._next = {}  # (next-node address, model identity) -> NodeClient
@@ -362,6 +364,10 @@ class NodeServicer(pb_grpc.NodeServicer):
     @_rpc
     def DropSession(self, request, context):
         return migration_rpc.serve_drop(self, request)
+
+    @_rpc
+    def GetMetrics(self, request, context):
+        return pb.MetricsReply(text=self.metrics.render(self))
 
     @_rpc
     def ListSessions(self, request, context):

@@ -205,6 +205,7 @@ def execute(node, request, data, context) -> pb.ForwardReply:
         out = node.host.run(run, model, session, build, want, onward, ids)
         record = StepRecord(request.step_id, before, session.offset) if request.step_id else None
         t1 = time.perf_counter()
+        node.metrics.step(positions, t1 - t0)
         if onward:
             if record is not None:
                 record.pending = out

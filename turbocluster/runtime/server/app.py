@@ -33,6 +33,7 @@ def make_app(engine: Engine, scheduler: Scheduler, api_key: Optional[str] = None
     app = FastAPI(title="turbo-cluster", docs_url=None, redoc_url=None)
     s = app.state
     s.engine, s.scheduler, s.metrics = engine, scheduler, metrics or scheduler.metrics or Metrics()
+    s.metrics.add_nodes(lambda: list(engine.cluster.clients))
     s.model_name = model_name or engine.cluster.desc.get("name") or "turbo-cluster"
     s.system, s.default_max_tokens, s.started, s.retry_after = system, default_max_tokens, int(time.time()), 1
 
@@ -57,7 +58,7 @@ def make_app(engine: Engine, scheduler: Scheduler, api_key: Optional[str] = None
         return {"status": "ok", "nodes": len(engine.cluster.clients), "model": s.model_name}
 
     @app.get("/metrics")
-    async def metrics_page():
+    def metrics_page():  # sync: the nodes' GetMetrics calls run in FastAPI's thread pool
         m = s.metrics
         m.queue_depth.set(scheduler.depth())
         m.running.set(scheduler.running)

@@ -1,6 +1,13 @@
 """The server's Prometheus metrics, in a registry of its own (so several servers can live in one process)."""
 
+import logging
+
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -26,3 +33,30 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def add_nodes(self, clients) -> None:
+        """Include every node's own metrics (GetMetrics; ``clients()`` lists them) in ``render``."""
+        self.registry.register(NodesCollector(clients))
+
+
+class NodesCollector:
+    """The nodes' metric families merged into one set (each sample keeps its ``node`` label)."""
+
+    def __init__(self, clients, timeout: float = 2.0):
+        self.clients, self.timeout = clients, timeout
+
+    def describe(self):
+        return []  # names known only when the nodes answer: nothing to check at registration
+
+    def collect(self):
+        merged = {}
+        for c in self.clients():
+            try:
+                text = c.metrics(timeout=self.timeout)
+            except grpc.RpcError as e:  # a node down or without the RPC: the others still report
+                log.info("metrics of %s: %s", c.address, e.code().name)
+                continue
+            for family in text_string_to_metric_families(text):
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                into.samples.extend(family.samples)
+        yield from merged.values()

@@ -203,6 +203,10 @@ class NodeClient:
     def sessions(self, timeout=None):
         return list(self._unary(self.stub.ListSessions, pb.ListSessionsRequest(), timeout).sessions)
 
+    def metrics(self, timeout=None) -> str:
+        """The node's Prometheus text (GetMetrics)."""
+        return self._unary(self.stub.GetMetrics, pb.MetricsRequest(), timeout).text
+
     def close(self):
         self.channel.close()
 
