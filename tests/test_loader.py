@@ -1,6 +1,7 @@
 """The bundled GGUF and mlx-lm directories load whole or as layer ranges, with the real SmolLM2 weights."""
 
 import json
+import re
 from pathlib import Path
 import mlx.core as mx
 import pytest
@@ -128,3 +129,33 @@ def test_random_mlx_lm_directory_loads_whole_and_sharded(tiny_model_dirs):
     assert loader.parameter_bytes(shard) == sum(d["layer_bytes"][1:3])
     assert d["embed_bytes"] == loader.parameter_bytes(model.model.embed_tokens)
     assert d["identity"] != loader.describe()["identity"]
+
+
+def test_loading_reports_the_bytes_read_per_tensor(tiny_model_dirs):
+    from mlx.utils import tree_flatten
+
+    seen = []
+    net, _ = loader.load(tiny_model_dirs["qwen3"], layers=(1, 4), tokenizer=False, progress=lambda d, t: seen.append((d, t)))
+    weights = sum(v.nbytes for _, v in tree_flatten(net.parameters()))
+    assert len(seen) > 5 and seen[-1] == (weights, weights)
+    assert all(a[0] < b[0] and a[1] == b[1] for a, b in zip(seen, seen[1:]))  # strictly growing, one total
+
+
+def test_load_progress_prints_whole_lines_per_node_when_not_a_terminal():
+    import io
+
+    from turbocluster.proto import turbo_pb2 as pb
+    from turbocluster.runtime.cli.output import LoadProgress
+
+    out = io.StringIO()
+    bars = LoadProgress(["10.0.0.1:7070", "10.0.0.2:7070"], stream=out)
+    for f in (0.0, 0.1, 0.2, 0.3, 0.55, 0.6, 0.95):
+        for a in ("10.0.0.1:7070", "10.0.0.2:7070"):
+            bars.update(a, pb.LoadProgress(fraction=f, stage="load" if f else "describe", message=f"{f * 100:.0f} MiB"))
+    bars.update("10.0.0.1:7070", pb.LoadProgress(fraction=1.0, stage="ready", message="ready", done=True))
+    bars.close()
+    lines = out.getvalue().splitlines()
+    assert all(re.match(r"  10\.0\.0\.[12]:7070: (describe|load|ready) \d+% ", line) for line in lines), lines
+    ones = [line for line in lines if "10.0.0.1" in line]
+    # describe, then one line per quarter of the load (0-24%, 25-49%, 50-74%, 75-99%), then ready
+    assert [line.split()[1] for line in ones] == ["describe", "load", "load", "load", "load", "ready"]

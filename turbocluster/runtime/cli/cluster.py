@@ -221,11 +221,11 @@ def _plan_and_load(cluster, context, cache):
     plan = cluster.plan(context=context, cache=cache)
     output.note(plan.table())
 
-    def progress(address, p):
-        if p.done or p.stage != "load":
-            output.note(f"  {address}: {p.stage} {p.fraction:.0%} {p.message}")
-
-    cluster.load(plan, progress)
+    bars = output.LoadProgress([c.address for c in cluster.clients])
+    try:
+        cluster.load(plan, bars.update)
+    finally:
+        bars.close()
     return plan
 
 
@@ -237,7 +237,7 @@ def generate(args) -> int:
     check_nodes(args)
     describe(args.model)
     from ..cluster import failover
-    from ..cluster.cluster import encode, tokenizer_for
+    from ..cluster.cluster import PREFILL_STEP, encode, tokenizer_for
 
     tok = tokenizer_for(args.model)
     ids = encode(tok, args.prompt, chat=not args.no_chat_template)
@@ -256,6 +256,8 @@ def generate(args) -> int:
         failover.configure(cluster, step_timeout_s=args.step_timeout, checkpoint_every=args.checkpoint_every)
         t0 = time.perf_counter()
         output.note(f"session {sid}")
+        if len(ids) > PREFILL_STEP:
+            cluster.prefill_progress = lambda done, total: output.note(f"prefill {done}/{total} tokens")
         pieces = cluster.generate(
             ids, args.max_tokens, args.temp, args.top_p, args.seed, args.stop, cache,
             session_id=sid, keep=args.keep, max_context=args.max_context,

@@ -60,3 +60,44 @@ def setup_logging(verbose: bool = False, level: Optional[int] = None) -> None:
     # the library also raises its warnings as Python warnings (for code to catch); a person sees the log line once
     warnings.filterwarnings("ignore", module=r"turbocluster\.")
     root.setLevel(level if level is not None else (logging.INFO if verbose else logging.WARNING))
+
+
+class LoadProgress:
+    """Per-node load progress: one tqdm bar per node on a terminal, plain lines (each stage, every 25%) otherwise.
+
+    ``update(address, p)`` takes a ``pb.LoadProgress``; it may be called from several threads (nodes load at once).
+    """
+
+    def __init__(self, addresses: list, stream=None):
+        import threading
+
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.lock = threading.Lock()
+        self.last = {}  # address -> (stage, quarter) last printed
+        self.bars = {}
+        if self.tty:
+            from tqdm import tqdm
+
+            width = max((len(a) for a in addresses), default=0)
+            for i, a in enumerate(addresses):
+                self.bars[a] = tqdm(total=100, desc=a.ljust(width), position=i, file=self.stream, leave=True,
+                                    bar_format="{desc} {bar} {percentage:3.0f}% {postfix}")
+
+    def update(self, address: str, p) -> None:
+        with self.lock:
+            bar = self.bars.get(address)
+            if bar is not None:
+                bar.n = round(100 * p.fraction)
+                bar.set_postfix_str(f"{p.stage}: {p.message}"[:60], refresh=True)
+                return
+            key = (p.stage, int(4 * p.fraction) if p.stage == "load" else -1)
+            if self.last.get(address) != key or p.done:
+                self.last[address] = key
+                print(f"  {address}: {p.stage} {p.fraction:.0%} {p.message}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        with self.lock:
+            for bar in self.bars.values():
+                bar.close()
+            self.bars.clear()

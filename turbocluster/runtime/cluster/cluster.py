@@ -167,6 +167,7 @@ class Cluster:
         self.driver = Driver(self)
         self._tokenizer = None
         self.stats = Stats()
+        self.prefill_progress = None  # (done, total) -> None: told of each prefill chunk (driver.prefill)
         self._handler = None
         if log is not None:  # diagnostics are logging records; a callback just receives them
             self._handler = _Callback(log)

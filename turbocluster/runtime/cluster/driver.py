@@ -203,12 +203,16 @@ class Driver:
                 raise
 
     def prefill(self, sid: str, prompt: list) -> pb.ForwardReply:
-        """Feed the prompt in PREFILL_STEP chunks (as mlx_lm.generate_step), the last one sampling a token."""
-        rest = list(prompt)
+        """Feed the prompt in PREFILL_STEP chunks (as mlx_lm.generate_step), the last one sampling a token.
+
+        ``cluster.prefill_progress(done, total)``, when set, hears of each chunk (a long prompt's progress)."""
+        rest, report = list(prompt), getattr(self.cluster, "prefill_progress", None)
         while len(rest) > 1:
             n = min(PREFILL_STEP, len(rest) - 1)
             self.step(sid, rest[:n], pb.NONE)
             rest = rest[n:]
+            if report is not None:
+                report(len(prompt) - len(rest), len(prompt))
         return self.step(sid, rest, pb.TOKEN)
 
     def release(self, sid: str) -> None:

@@ -79,14 +79,15 @@ def _check_range(layers, n):
     return start, end
 
 
-def load(model=None, layers=None, tokenizer=True):
+def load(model=None, layers=None, tokenizer=True, progress=None):
     """Return ``(model, tokenizer)``; ``layers=(start, end)`` keeps only those layers.
 
     ``tokenizer=False`` returns ``(model, None)`` without loading one (a node needs none;
     the tokenizer library alone is tens of MiB resident).
 
     ``model`` is None (the bundled GGUF), a ``.gguf`` path, a local mlx-lm
-    model directory or a Hugging Face repo id.
+    model directory or a Hugging Face repo id. ``progress(done_bytes, total_bytes)``
+    is called as the kept weights are read.
     """
     kind, path = _resolve(model)
     if kind == "gguf":
@@ -95,8 +96,11 @@ def load(model=None, layers=None, tokenizer=True):
         start, end = _check_range(layers, n)
         net = gguf.build_model(tensors, meta, start, end, use_float32())
         tok = gguf.tokenizer(meta) if tokenizer else None
+        if progress is not None:
+            total = sum(v.nbytes for _, v in tree_flatten(net.parameters()))
+            progress(total, total)
     else:
-        net, tok, n, start, end = _load_dir(path, layers, tokenizer)
+        net, tok, n, start, end = _load_dir(path, layers, tokenizer, progress)
     net.layer_range = (start, end)
     net.num_layers_total = n
     return net, tok
@@ -112,7 +116,7 @@ def load_tokenizer(model=None):
     return mlx_load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
 
 
-def _load_dir(path, layers, tokenizer=True):
+def _load_dir(path, layers, tokenizer=True, progress=None):
     """mlx-lm load with lazy weights; only the kept layers are ever evaluated."""
     from mlx_lm.utils import load_model, load_tokenizer
 
@@ -126,8 +130,13 @@ def _load_dir(path, layers, tokenizer=True):
     shard.restrict(net, start, end)
     if use_float32():
         net.set_dtype(mx.float32)
-    for _, v in tree_flatten(net.parameters()):  # one at a time: the file-dtype copy of one tensor beside
+    params = [v for _, v in tree_flatten(net.parameters())]
+    total, done = sum(v.nbytes for v in params), 0
+    for v in params:  # one at a time: the file-dtype copy of one tensor beside
         mx.eval(v)  # the converted ones, not every tensor twice at once (loading stays near the weights' bytes)
+        done += v.nbytes
+        if progress is not None:
+            progress(done, total)
     tok = load_tokenizer(path, eos_token_ids=config.get("eos_token_id")) if tokenizer else None
     return net, tok, n, start, end
 

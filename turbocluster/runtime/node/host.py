@@ -95,8 +95,12 @@ class ModelHost:
 
         self.progress(pb.LOADING, 0.1, f"loading layers {start}:{end} of {desc['name']}")
 
+        def read(done, total):
+            mib = 1 << 20
+            self.progress(pb.LOADING, 0.1 + 0.85 * done / max(total, 1), f"{done / mib:.0f} / {total / mib:.0f} MiB of weights")
+
         def load():
-            model, _ = loader.load(model_arg, layers=(start, end), tokenizer=False)
+            model, _ = loader.load(model_arg, layers=(start, end), tokenizer=False, progress=read)
             mx.eval(model.parameters())
             weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
             with self.lock:

@@ -7,7 +7,6 @@ Run it with ``turbo-node serve`` or ``python -m turbocluster.runtime.cli.node se
 """
 
 import logging
-import math
 import re
 import secrets
 import socket
@@ -219,10 +218,10 @@ class NodeServicer(pb_grpc.NodeServicer):
             try:
                 job.result(timeout=0.5)
                 break
-            except futures.TimeoutError:
-                # No finer progress from the loader; report that it is alive.
-                f = min(0.9, 0.1 + 0.8 * (1 - math.exp(-(time.monotonic() - t0) / 10)))
-                yield pb.LoadProgress(fraction=f, stage="load", message=f"loading ({time.monotonic() - t0:.1f} s)")
+            except futures.TimeoutError:  # the bytes of weights read so far (the loader reports them per tensor)
+                with self._lock:
+                    f, message = self.host.load_fraction, self.host.load_message
+                yield pb.LoadProgress(fraction=f, stage="load", message=f"{message} ({time.monotonic() - t0:.1f} s)")
             except (ValueError, OSError, KeyError) as e:  # a bad model path or file: the caller's problem
                 self.host.progress(pb.FAILED, 0.0, f"load failed: {e}")
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"could not load {request.model or 'default model'}: {e}")
