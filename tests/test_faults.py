@@ -68,8 +68,10 @@ def test_every_session_completes_with_faults_every_kth_call(faulty, bundled):
     _, ids, ref = bundled
     with Cluster.connect(nodes=[n.address for n in faulty], secret=SECRET) as cluster:
         cluster.load(cluster.plan(context=128))
-        failover.configure(cluster, step_timeout_s=5.0, backoff_s=0.02)
         with pytest.warns(failover.FailoverWarning):
+            # warm up at the default deadline: fresh nodes compile MLX kernels for seconds on their first prompt
+            list(cluster.generate_tokens(ids, max_tokens=2, stop_at_eos=False))
+            failover.configure(cluster, step_timeout_s=5.0, backoff_s=0.02)
             for _ in range(3):
                 assert list(cluster.generate_tokens(ids, max_tokens=MAX_TOKENS, stop_at_eos=False)) == ref
         assert failover.state(cluster).events == []  # transient faults: retried in place, no re-plan

@@ -369,9 +369,9 @@ class Driver:
         address = start or self.live[sid].route[0].address
         while address and len(route) < 64:
             try:
-                c = m.checked(address)
+                c = m.client(address)  # never re-dialled here: stages of the route hold these connections
                 info, held = c.info(), [s for s in c.sessions() if s.session_id == sid]
-            except (grpc.RpcError, ClusterError):  # unreachable: failover decides about it
+            except (grpc.RpcError, ClusterError, ValueError):  # unreachable (or closed): failover decides about it
                 return None
             if not held:
                 return None
