@@ -380,13 +380,28 @@ class Driver:
         return route if route and route[-1].end == self.cluster.desc["num_layers"] else None
 
     def _rewind(self, j: Journal, start: Optional[str] = None) -> bool:
-        """Trim every stage back to the journal's offset; False if a stage no longer holds the session."""
+        """Trim every stage back to the journal's offset; False if a stage no longer holds the session.
+
+        The chain the nodes hold is read only when there is a sign another coordinator moved the session
+        (``start``: where a moved first stage went; or a stage of the route lacks it), so a plain retry
+        costs no more calls than it did."""
+        if start is not None:
+            self._adopt_route(j.session_id, start)
+        if self._trim_route(j):
+            return True
+        return self._adopt_route(j.session_id) and self._trim_route(j)
+
+    def _adopt_route(self, sid: str, start: Optional[str] = None) -> bool:
+        """Take the route the nodes chain (``_follow``) if it is whole and differs from ours; True if taken."""
+        route, live = self._follow(sid, start), self.live[sid]
+        if route is None or [st.address for st in route] == [st.address for st in live.route]:
+            return False
+        log.info("session %s: its route changed to %s (moved by another coordinator)", sid, [st.address for st in route])
+        live.route = route
+        return True
+
+    def _trim_route(self, j: Journal) -> bool:
         target, p = j.offset(), self.policy
-        route = self._follow(j.session_id, start)
-        if route is not None and [st.address for st in route] != [st.address for st in self.live[j.session_id].route]:
-            log.info("session %s: its route changed to %s (moved by another coordinator)", j.session_id,
-                     [st.address for st in route])
-            self.live[j.session_id].route = route
         for st in self.live[j.session_id].route:
             c = st.client
 
