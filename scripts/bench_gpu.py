@@ -99,14 +99,14 @@ def time_decode(model, cache, tokens):
     return (tokens + 1) / dt, 1000 * host / tokens, mx.get_peak_memory(), first
 
 
-def bench_decode(model, contexts, caches, tokens, weights):
+def bench_decode(model, contexts, caches, tokens, weights, reference=True):
     rows = []
     time_decode(model, CACHES["fp16"](model), 4)  # warm the GPU up before the first timed row
     for ctx in contexts:
         base = None
         for name in caches:
             logits = {}
-            for path in (("fp16",) if name == "fp16" else ("fused", "reference")):
+            for path in (("fp16",) if name == "fp16" else ("fused", "reference") if reference else ("fused",)):
                 set_fused(path != "reference")
                 cache = CACHES[name](model)
                 mx.random.seed(ctx)  # the same cache contents on both paths
@@ -211,6 +211,7 @@ def main():
     p.add_argument("--prefill", type=int, default=4096, help="prompt tokens for the prefill rows (0 skips)")
     p.add_argument("--layers", type=int, default=32, help="transformer layers (32 is Llama-3.1-8B)")
     p.add_argument("--weights", default="fp16", help="fp16, q4 or both comma-separated")
+    p.add_argument("--no-reference", action="store_true", help="skip the plain-mx reference rows (fused and fp16 only)")
     p.add_argument("--json", action="store_true", help="print one JSON document at the end")
     a = p.parse_args()
     if fused.backend() is None:
@@ -227,7 +228,7 @@ def main():
         rows += bench_attention([int(c) for c in a.attention_contexts.split(",")])
     for weights in a.weights.split(","):
         model = build_model(a.layers, weights == "q4")
-        rows += bench_decode(model, contexts, caches, a.tokens, weights)
+        rows += bench_decode(model, contexts, caches, a.tokens, weights, reference=not a.no_reference)
         if a.prefill:
             rows += bench_prefill(model, caches, a.prefill, weights)
         del model

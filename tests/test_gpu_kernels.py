@@ -117,10 +117,10 @@ def test_kernel_sources_render_for_both_backends():
     from turbocluster.kernels import fused_source as src
 
     for kind, barrier in (("cuda", "__syncthreads()"), ("metal", "threadgroup_barrier(mem_flags::mem_threadgroup)")):
-        for body in (src.DECODE, src.DEQUANT):
+        for body in (src.DECODE, src.COMBINE, src.DEQUANT):
             text = src.render(body, kind)
             assert "$" not in text
-        assert barrier in src.render(src.DECODE, kind)
+        assert barrier in src.render(src.DECODE, kind) and barrier in src.render(src.COMBINE, kind)
 
 
 @pytest.mark.skipif(GPU is not None, reason="checks the CPU fallback")

@@ -2,14 +2,18 @@
 
 Decode is bound by memory traffic, and packed keys and values are 4-5x fewer
 bytes than float16, so attention that reads only the packed words should beat
-float16 attention at long context. ``decode_attention`` does that in one
-kernel (``fused_source.DECODE``): the query is rotated once by the signed
-Walsh-Hadamard transform instead of un-rotating every key (``<q, x> = <H S q,
-y>``), each threadgroup scores a split of the context for a tile of query rows
-of one kv head (GQA without repeating keys), straight from the packed words and
-float16 scales (codebook in shared memory), takes the softmax of its split in
-float32 and sums the values in the rotated space. The splits are merged by
-log-sum-exp (``combine_splits``) and each output row is un-rotated once.
+float16 attention at long context. ``decode_attention`` is two kernels
+(``fused_source.DECODE`` and ``COMBINE``), split-K / flash-decoding: each
+threadgroup of the first takes a split of the context for a tile of query rows
+of one kv head (GQA: the rows share every packed key and value it loads),
+rotates the raw query tile once in shared memory by the signed Walsh-Hadamard
+transform instead of un-rotating every key (``<q, x> = <H S q, y>``), stages the
+packed words of each chunk of tokens in shared memory with coalesced loads,
+scores them (codebook times the softmax scale in shared memory), takes the
+split's softmax in float32 and sums the values in the rotated space. The second
+merges the splits by log-sum-exp (``combine_splits`` is its plain-``mx`` twin),
+un-rotates each output row once, adds the value mean and casts: one layer's
+decode attention is two launches and nothing else.
 
 Prefill (many query rows) is matrix work, which ``mx.fast.scaled_dot_product_attention``
 does with the GPU's matrix units: ``prefill_attention`` expands the packed keys
@@ -27,7 +31,6 @@ with Metal's prelude, and it is used only after passing the same self-check.
 
 import functools
 import logging
-import math
 import os
 from typing import Callable, Optional
 
@@ -39,12 +42,14 @@ from . import turboquant as tq
 
 logger = logging.getLogger(__name__)
 
-THREADS = 128  # threads per threadgroup (4 warps / SIMD groups)
-TOKENS_MAX = 256  # most tokens one threadgroup scores
+THREADS = 128  # threads per threadgroup of the split kernel (4 warps / SIMD groups)
+COMBINE_THREADS = 256  # threads per threadgroup of the merge kernel (one output row each)
+TOKENS_MAX = 512  # most tokens one split covers (scores kept in shared memory)
+MIN_SPLIT_TOKENS = 64  # fewest tokens per split when splitting further only fills the GPU
 MAX_TILE_ROWS = 8  # query rows per threadgroup; more rows take more tiles
 DECODE_MAX_ROWS = 32  # query rows per kv head up to which the decode kernel runs; above it, prefill
 DECODE_MAX_DIM = 256
-TARGET_GROUPS = 264  # threadgroups to aim for (2 per SM of an H100/H200), so short contexts still spread
+TARGET_GROUPS = 528  # threadgroups to aim for (4 per SM of an H100/H200; fewer, longer splits measured faster than 8)
 
 
 def backend() -> Optional[str]:
@@ -61,9 +66,17 @@ def _kernels(kind):
     return {
         "decode": make(
             name="turbo_fused_decode",
-            input_names=["q", "kp", "ks", "vp", "vs", "kcb", "vcb", "params"],
+            input_names=["q", "kp", "ks", "vp", "vs", "kcb", "vcb", "ksign"],
             output_names=["out", "ml"],
             source=src.render(src.DECODE, kind),
+            header=header,
+            ensure_row_contiguous=False,
+        ),
+        "combine": make(
+            name="turbo_fused_combine",
+            input_names=["acc", "ml", "vsign", "mean"],
+            output_names=["out"],
+            source=src.render(src.COMBINE, kind),
             header=header,
             ensure_row_contiguous=False,
         ),
@@ -79,25 +92,36 @@ def _kernels(kind):
 
 
 @functools.lru_cache(maxsize=None)
-def _codebook(bits, codebook):
-    return mx.array(codebook if codebook is not None else tq.centroids(bits), dtype=mx.float32)
+def _codebook(bits, codebook, scale=1.0):
+    values = codebook if codebook is not None else tq.centroids(bits)
+    return mx.array([float(c) * scale for c in values], dtype=mx.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _signs(dim):
+    return mx.array(tq.sign_list(dim), dtype=mx.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_mean():
+    return mx.zeros((1, 1, 1, 1), dtype=mx.float16)
 
 
 def _tile_rows(rows):
     return min(MAX_TILE_ROWS, 1 << max(0, (rows - 1).bit_length()))
 
 
-def _split_tokens(T, groups):
-    """Tokens per split: at most TOKENS_MAX, fewer when that leaves the GPU idle."""
-    want = -(-T * groups // TARGET_GROUPS)
-    return max(32, min(TOKENS_MAX, -(-want // 32) * 32))
+def _splits(T, groups):
+    """Splits of the context: enough threadgroups to fill the GPU, at most TOKENS_MAX tokens each."""
+    want = -(-TARGET_GROUPS // groups)
+    return max(1, -(-T // TOKENS_MAX), min(want, -(-T // MIN_SPLIT_TOKENS)))
 
 
 # --- the log-sum-exp merge ---------------------------------------------------------
 
 
 def combine_splits(acc, ml, axis=-2):
-    """Merge partial attention results by log-sum-exp.
+    """Merge partial attention results by log-sum-exp (what ``fused_source.COMBINE`` computes).
 
     ``acc`` [..., S, Dv] holds each split's unnormalised sum ``sum_j exp(s_j - m) v_j``,
     ``ml`` [..., S, 2] its (max score m, sum of exp l). Returns the softmax-weighted
@@ -107,30 +131,6 @@ def combine_splits(acc, ml, axis=-2):
     top = m.max(axis=axis, keepdims=True)
     w = mx.exp(m - top)
     return (acc * w).sum(axis=axis) / (l * w).sum(axis=axis)
-
-
-# --- decode ------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _pre(rotated, scale, n_kv):
-    def f(q):
-        B, n_q, L, D = q.shape
-        q = q.astype(mx.float32)
-        if rotated:
-            q = tq.rotate(q)
-        return (q * scale).reshape(B * n_kv, (n_q // n_kv) * L, D)
-
-    return mx.compile(f)
-
-
-@functools.lru_cache(maxsize=None)
-def _post(B, n_q, L, rotated, dtype, with_mean):
-    def f(acc, ml, *mean):
-        out = combine_splits(acc, ml).reshape(B, n_q, L, acc.shape[-1])
-        return _finish(out, rotated, mean[0] if with_mean else None, dtype)
-
-    return mx.compile(f)
 
 
 def _finish(out, rotated, mean, dtype):
@@ -144,40 +144,46 @@ def _finish(out, rotated, mean, dtype):
     return out.astype(dtype)
 
 
-def _decode_partials(kind, q, keys, values, rows, L, causal, tps=None):
-    BH, _, D = q.shape
-    T = keys.packed.shape[2]
-    rt = _tile_rows(rows)
-    tiles = -(-rows // rt)
-    tps = tps or _split_tokens(T, BH * tiles)
-    splits = -(-T // tps)
-    params = mx.array([rows, T, L, tps, int(causal), splits], dtype=mx.int32)
-    return _kernels(kind)["decode"](
-        inputs=[q, keys.packed, keys.scales, values.packed, values.scales,
-                _codebook(keys.bits, keys.codebook), _codebook(values.bits, values.codebook), params],
-        template=[("BK", keys.bits), ("BV", values.bits), ("D", D), ("DV", values.dim),
-                  ("RT", rt), ("NT", THREADS), ("TMAX", TOKENS_MAX)],
-        grid=(THREADS * splits, BH, tiles),
-        threadgroup=(THREADS, 1, 1),
-        output_shapes=[(BH, rows, splits, values.dim), (BH, rows, splits, 2)],
-        output_dtypes=[mx.float32, mx.float32],
-    )
+# --- decode ------------------------------------------------------------------------
 
 
-def decode_attention(queries, keys, values, scale, causal=False, kind=None, tps=None):
-    """softmax(scale q k^T) v for a few query rows per kv head, read from packed K/V in one kernel.
+def decode_attention(queries, keys, values, scale, causal=False, kind=None, splits=None):
+    """softmax(scale q k^T) v for a few query rows per kv head, read from packed K/V in two kernels.
 
     queries [B, n_q, L, D]; keys/values ``PackedKV``-like (packed, scales, bits, dim,
     codebook, rotated, mean). ``causal``: the L queries are the last L positions.
+    ``splits``: how many parts the context is cut into (default: enough to fill the GPU).
     """
     kind = kind or backend()
-    B, n_q, L, _ = queries.shape
-    n_kv = keys.packed.shape[1]
+    B, n_q, L, D = queries.shape
+    _, n_kv, T, _ = keys.packed.shape
     rows = (n_q // n_kv) * L
-    q = _pre(bool(keys.rotated), float(scale), n_kv)(queries)
-    acc, ml = _decode_partials(kind, q, keys, values, rows, L, causal and L > 1, tps)
-    mean = () if values.mean is None else (values.mean,)
-    return _post(B, n_q, L, bool(values.rotated), queries.dtype, values.mean is not None)(acc, ml, *mean)
+    rt = _tile_rows(rows)
+    tiles = -(-rows // rt)
+    splits = splits or _splits(T, B * n_kv * tiles)
+    if not -(-T // TOKENS_MAX) <= splits <= max(T, 1):
+        raise ValueError(f"splits must be in [{-(-T // TOKENS_MAX)}, {T}] for {T} tokens, got {splits}")
+    kernels = _kernels(kind)
+    acc, ml = kernels["decode"](
+        inputs=[queries, keys.packed, keys.scales, values.packed, values.scales,
+                _codebook(keys.bits, keys.codebook, float(scale)), _codebook(values.bits, values.codebook), _signs(D)],
+        template=[("BK", keys.bits), ("BV", values.bits), ("D", D), ("DV", values.dim), ("RT", rt), ("NT", THREADS),
+                  ("TMAX", TOKENS_MAX), ("L", L), ("CAUSAL", bool(causal and L > 1)), ("ROT", bool(keys.rotated))],
+        grid=(THREADS * splits, B * n_kv, tiles),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(B * n_kv, rows, splits, values.dim), (B * n_kv, rows, splits, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    mean = values.mean
+    return kernels["combine"](
+        inputs=[acc, ml, _signs(values.dim), _no_mean() if mean is None else mean],
+        template=[("DV", values.dim), ("NT", COMBINE_THREADS), ("ROT", bool(values.rotated)), ("MEAN", mean is not None),
+                  ("OutT", queries.dtype)],
+        grid=(COMBINE_THREADS * B * n_kv * rows, 1, 1),
+        threadgroup=(COMBINE_THREADS, 1, 1),
+        output_shapes=[(B, n_q, L, values.dim)],
+        output_dtypes=[queries.dtype],
+    )[0]
 
 
 # --- prefill -----------------------------------------------------------------------
@@ -253,7 +259,7 @@ def _check_decode(kind, bk, bv, dk, dv, rt, reference):
             with mx.stream(mx.cpu):  # exact float32 (GPU matmuls may round through TF32)
                 want = reference(q, keys, values, scale=0.3, mask="causal" if causal else None)
                 mx.eval(want)
-            got = decode_attention(q, keys, values, 0.3, causal=causal, kind=kind, tps=128)
+            got = decode_attention(q, keys, values, 0.3, causal=causal, kind=kind, splits=6)
             err = mx.abs(got - want).max().item()
             if not err <= 1e-4 * max(1.0, mx.abs(want).max().item()):
                 raise AssertionError(f"decode differs from the reference by {err} (n_rep {n_rep}, L {L})")
@@ -273,15 +279,27 @@ def _check_dequant(kind, bits, dim):
 
 
 def _decode_ok(kind, keys, values, rt, reference):
-    name = f"decode-k{keys.bits}v{values.bits}-d{keys.dim}x{values.dim}-r{rt}"
-    source = src.HEADER[kind] + src.render(src.DECODE, kind)
-    return fused_check.verdict(kind, name, source, _check_decode(kind, keys.bits, values.bits, keys.dim, values.dim, rt, reference))
+    return _decode_verdict(kind, keys.bits, values.bits, keys.dim, values.dim, rt, reference)
 
 
 def _dequant_ok(kind, kv):
-    name = f"dequant-b{kv.bits}-d{kv.dim}"
+    return _dequant_verdict(kind, kv.bits, kv.dim)
+
+
+# One verdict per variant and process: the key (rendered source, its hash) is made once,
+# not on every layer of every decode step (that cost ~0.1 ms of host time per layer).
+@functools.lru_cache(maxsize=None)
+def _decode_verdict(kind, bk, bv, dk, dv, rt, reference):
+    name = f"decode-k{bk}v{bv}-d{dk}x{dv}-r{rt}"
+    source = src.HEADER[kind] + src.render(src.DECODE, kind) + src.render(src.COMBINE, kind)
+    return fused_check.verdict(kind, name, source, _check_decode(kind, bk, bv, dk, dv, rt, reference))
+
+
+@functools.lru_cache(maxsize=None)
+def _dequant_verdict(kind, bits, dim):
+    name = f"dequant-b{bits}-d{dim}"
     source = src.HEADER[kind] + src.render(src.DEQUANT, kind)
-    return fused_check.verdict(kind, name, source, _check_dequant(kind, kv.bits, kv.dim))
+    return fused_check.verdict(kind, name, source, _check_dequant(kind, bits, dim))
 
 
 def attention(queries, keys, values, scale, mask, reference: Callable):

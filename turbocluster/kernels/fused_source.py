@@ -15,6 +15,8 @@ _PRELUDE = {
         "$GX": "blockIdx.x",
         "$GY": "blockIdx.y",
         "$GZ": "blockIdx.z",
+        "$NGX": "gridDim.x",
+        "$ALIGN": "__align__(16)",
         "$GLOBAL": "(blockIdx.x * blockDim.x + threadIdx.x)",
         "$SHARED": "__shared__",
         "$SPTR": "",
@@ -26,6 +28,8 @@ _PRELUDE = {
         "$GX": "threadgroup_position_in_grid.x",
         "$GY": "threadgroup_position_in_grid.y",
         "$GZ": "threadgroup_position_in_grid.z",
+        "$NGX": "threadgroups_per_grid.x",
+        "$ALIGN": "",
         "$GLOBAL": "thread_position_in_grid.x",
         "$SHARED": "threadgroup",
         "$SPTR": "threadgroup",
@@ -42,6 +46,8 @@ __device__ inline float tq_exp(float x) { return expf(x); }
 __device__ inline float tq_max(float a, float b) { return fmaxf(a, b); }
 __device__ inline float tq_f(__half x) { return __half2float(x); }
 __device__ inline float tq_f(float x) { return x; }
+__device__ inline float tq_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ inline float tq_rsqrt(float x) { return rsqrtf(x); }
 __device__ inline float tq_warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
@@ -59,22 +65,66 @@ inline float tq_exp(float x) { return metal::precise::exp(x); }
 inline float tq_max(float a, float b) { return metal::max(a, b); }
 inline float tq_f(half x) { return float(x); }
 inline float tq_f(float x) { return x; }
+inline float tq_f(bfloat16_t x) { return float(x); }
+inline float tq_rsqrt(float x) { return metal::rsqrt(x); }
 inline float tq_warp_max(float v) { return simd_max(v); }
 inline float tq_warp_sum(float v) { return simd_sum(v); }
 template <typename T> inline T tq_out(float v) { return static_cast<T>(v); }
 """,
 }
 
-# Decode attention over packed keys and values, one (split of the context, kv head, tile of
-# query rows) per threadgroup. Template: BK, BV (bits), D, DV (head dims), RT (query rows per
-# tile), NT (threads), TMAX (most tokens per split). Inputs: q [BH, R, D] float32, already
-# rotated and scaled; kp/vp packed words [B, H, T, W] and ks/vs float16 scales [B, H, T, 1],
-# any strides (slices of the cache's buffers are read in place); kcb/vcb codebooks;
-# params = [R, T, L, tokens per split, causal, splits]. Outputs per (row, split): the
-# unnormalised value sum in the rotated space, and (max score, sum of exp) for the merge.
+# In-place Walsh-Hadamard butterflies of ROWS rows of DIM floats in shared memory at X,
+# block by block (the binary decomposition of DIM, largest block first, as
+# ``format.rotation_blocks``), each block scaled by 1/sqrt(its size) at the end: the
+# transform of ``turboquant._hadamard`` without its signs. Used by both decode kernels.
+_FWHT = """
+  for (int h = 1; h < DIM; h <<= 1) {
+    $BARRIER;
+    for (int p = tid; p < ROWS * (DIM / 2); p += NT) {
+      const int r = p / (DIM / 2);
+      const int e = p - r * (DIM / 2);
+      const int i = (e / h) * 2 * h + (e % h);
+      int start = 0, size = 0;
+      for (int k = 16; k >= 0; --k) {
+        if ((DIM >> k) & 1) {
+          if (i < start + (1 << k)) { size = 1 << k; break; }
+          start += 1 << k;
+        }
+      }
+      if (h < size) {
+        const float a = X[r * DIM + i];
+        const float c = X[r * DIM + i + h];
+        X[r * DIM + i] = a + c;
+        X[r * DIM + i + h] = a - c;
+      }
+    }
+  }
+  $BARRIER;
+"""
+
+# Decode attention over packed keys and values, pass 1 (split-K / flash-decoding): one
+# threadgroup per (split of the context, kv head, tile of RT query rows). Template: BK, BV
+# (bits), D, DV (head dims), RT, NT (threads), TMAX (most tokens per split), L (query
+# positions), CAUSAL, ROT (keys rotated: rotate the query here), QT (query dtype).
+# Inputs: q [B, n_q, L, D] (raw queries, any strides); kp/vp packed words [B, H, T, W] and
+# ks/vs float16 scales [B, H, T, 1], any strides (slices of the cache's buffers read in
+# place); kcb (key codebook times the softmax scale), vcb; ksign (the format's signs, D).
+# The number of splits is the grid's; each covers ceil(T / splits) tokens. Packed words
+# of a chunk of tokens are staged in shared memory with coalesced loads (rows padded to an
+# odd number of words, so a thread per token reads them without bank conflicts); the
+# query tile is rotated once in shared memory. Outputs per (row, split): the unnormalised
+# value sum in the rotated space, and (max score, sum of exp) for the merge.
 DECODE = """
   constexpr int WK = (D * BK + 31) / 32;
   constexpr int WV = (DV * BV + 31) / 32;
+  constexpr int WKP = WK | 1;
+  constexpr int WVP = WV | 1;
+  constexpr int SB = 4352;  // staging words (17 KiB)
+  constexpr int CK0 = SB / WKP;
+  constexpr int CK = CK0 >= NT ? NT : (CK0 / 32) * 32;  // tokens per key chunk
+  constexpr int CV0 = SB / WVP;
+  constexpr int CV = CV0 >= NT ? NT : (CV0 / 32) * 32;
+  constexpr int BUF = (CK * WKP > CV * WVP) ? CK * WKP : CV * WVP;
   constexpr int NG = DV / 4;
   constexpr int NL = NT / NG;
   constexpr int NWARP = NT / 32;
@@ -83,73 +133,142 @@ DECODE = """
   constexpr unsigned int MK = (1u << BK) - 1u;
   constexpr unsigned int MV = (1u << BV) - 1u;
 
-  $SHARED float smem[RT * D + (1 << BK) + (1 << BV) + SREG];
+  $SHARED $ALIGN float smem[RT * D + SREG + TMAX + (1 << BK) + (1 << BV)];
+  $SHARED unsigned int buf[BUF];
   $SPTR float* q_s = smem;
-  $SPTR float* kcb_s = smem + RT * D;
+  $SPTR float* s_s = smem + RT * D;
+  $SPTR float* vsc_s = s_s + SREG;  // the split's value scales
+  $SPTR float* kcb_s = vsc_s + TMAX;
   $SPTR float* vcb_s = kcb_s + (1 << BK);
-  $SPTR float* s_s = vcb_s + (1 << BV);
 
   const int tid = $TID;
+  const int nsplit = $NGX;
   const int split = $GX;
   const int bh = $GY;
   const int row0 = $GZ * RT;
-  const int n_rows = params[0];
-  const int T = params[1];
-  const int L = params[2];
-  const int tps = params[3];
-  const int causal = params[4];
-  const int nsplit = params[5];
   const int H = kp_shape[1];
+  const int T = kp_shape[2];
+  const int n_rep = q_shape[1] / H;
+  const int n_rows = n_rep * L;
   const int b = bh / H;
   const int h = bh - b * H;
+  const int tps = (T + nsplit - 1) / nsplit;
   const int t0 = split * tps;
   const int t1 = min(T, t0 + tps);
   const int n_tok = max(0, t1 - t0);
 
   for (int i = tid; i < RT * D; i += NT) {
     const int r = i / D;
-    q_s[i] = (row0 + r < n_rows) ? q[((long)bh * n_rows + row0) * D + i] : 0.0f;
+    const int d = i - r * D;
+    const int row = row0 + r;
+    float x = 0.0f;
+    if (row < n_rows) {
+      const int qh = h * n_rep + row / L;
+      const int l = row % L;
+      x = tq_f(q[(long)b * q_strides[0] + (long)qh * q_strides[1] + (long)l * q_strides[2] + (long)d * q_strides[3]]);
+      if (ROT) x *= ksign[d];
+    }
+    q_s[i] = x;
   }
   for (int i = tid; i < (1 << BK); i += NT) kcb_s[i] = kcb[i];
   for (int i = tid; i < (1 << BV); i += NT) vcb_s[i] = vcb[i];
-  $BARRIER;
-
-  const long kbase = (long)b * kp_strides[0] + (long)h * kp_strides[1];
-  const long ksbase = (long)b * ks_strides[0] + (long)h * ks_strides[1];
-  for (int j = tid; j < n_tok; j += NT) {
-    const int tok = t0 + j;
-    const long off = kbase + (long)tok * kp_strides[2];
-    unsigned int w[WK];
-    #pragma unroll
-    for (int k = 0; k < WK; ++k) w[k] = kp[off + k];
-    float acc[RT];
-    #pragma unroll
-    for (int r = 0; r < RT; ++r) acc[r] = 0.0f;
-    #pragma unroll
-    for (int i = 0; i < D; ++i) {
-      const int bit = i * BK;
-      const int k = bit >> 5;
-      const int o = bit & 31;
-      unsigned int v = w[k] >> o;
-      if (o + BK > 32) v |= w[k + 1] << (32 - o);
-      const float c = kcb_s[v & MK];
-      #pragma unroll
-      for (int r = 0; r < RT; ++r) acc[r] += q_s[r * D + i] * c;
+  if (ROT) {
+    {
+      constexpr int DIM = D;
+      constexpr int ROWS = RT;
+      $SPTR float* X = q_s;
+$FWHT
     }
-    const float sc = tq_f(ks[ksbase + (long)tok * ks_strides[2]]);
-    #pragma unroll
-    for (int r = 0; r < RT; ++r) {
-      const int row = row0 + r;
-      bool ok = row < n_rows;
-      if (causal) ok = ok && (tok <= T - L + row % L);
-      s_s[r * TMAX + j] = ok ? acc[r] * sc : NEG;
+    for (int i = tid; i < RT * D; i += NT) {
+      const int d = i % D;
+      int size = 0, start = 0;
+      for (int k = 16; k >= 0; --k) {
+        if ((D >> k) & 1) {
+          if (d < start + (1 << k)) { size = 1 << k; break; }
+          start += 1 << k;
+        }
+      }
+      q_s[i] *= tq_rsqrt((float)size);
     }
   }
   $BARRIER;
 
+  // scores: chunks of CK tokens, packed words staged in shared memory, a thread per token
+  const long kbase = (long)b * kp_strides[0] + (long)h * kp_strides[1];
+  const long ksbase = (long)b * ks_strides[0] + (long)h * ks_strides[1];
+  const long vsbase = (long)b * vs_strides[0] + (long)h * vs_strides[1];
+  for (int c0 = 0; c0 < n_tok; c0 += CK) {
+    const int nc = min(CK, n_tok - c0);
+    {
+      // all of this thread's loads in flight at once, then into shared memory
+      constexpr int PER = (CK * WK + NT - 1) / NT;
+      constexpr int BATCH = PER < 8 ? PER : 8;
+      #pragma unroll 1
+      for (int u0 = 0; u0 < PER; u0 += BATCH) {
+        unsigned int tmp[BATCH];
+        #pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+          const int i = tid + (u0 + u) * NT;
+          const int j = i / WK;
+          tmp[u] = (i < nc * WK) ? kp[kbase + (long)(t0 + c0 + j) * kp_strides[2] + (i - j * WK)] : 0u;
+        }
+        #pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+          const int i = tid + (u0 + u) * NT;
+          const int j = i / WK;
+          if (i < nc * WK) buf[j * WKP + (i - j * WK)] = tmp[u];
+        }
+      }
+    }
+    float sc = 0.0f;
+    if (tid < nc) {
+      const int tok = t0 + c0 + tid;
+      sc = tq_f(ks[ksbase + (long)tok * ks_strides[2]]);
+      vsc_s[c0 + tid] = tq_f(vs[vsbase + (long)tok * vs_strides[2]]);
+    }
+    $BARRIER;
+    if (tid < nc) {
+      const int j = tid;
+      const int tok = t0 + c0 + j;
+      unsigned int w[WK + 1];
+      #pragma unroll
+      for (int k = 0; k < WK; ++k) w[k] = buf[j * WKP + k];
+      w[WK] = 0u;
+      float acc[RT];
+      #pragma unroll
+      for (int r = 0; r < RT; ++r) acc[r] = 0.0f;
+      #pragma unroll
+      for (int i4 = 0; i4 < D / 4; ++i4) {
+        float c[4];
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int bit = (i4 * 4 + e) * BK;
+          const int k = bit >> 5;
+          const int o = bit & 31;
+          unsigned int v = w[k] >> o;
+          if (o + BK > 32) v |= w[k + 1] << (32 - o);
+          c[e] = kcb_s[v & MK];
+        }
+        #pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const float4 qv = (($SPTR const float4*)q_s)[r * (D / 4) + i4];
+          acc[r] += qv.x * c[0] + qv.y * c[1] + qv.z * c[2] + qv.w * c[3];
+        }
+      }
+      #pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const int row = row0 + r;
+        bool ok = row < n_rows;
+        if (CAUSAL) ok = ok && (tok <= T - L + row % L);
+        s_s[r * TMAX + c0 + j] = ok ? acc[r] * sc : NEG;
+      }
+    }
+    $BARRIER;
+  }
+
+  // softmax of the split, a warp per row; probabilities times the value scales
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const long vsbase = (long)b * vs_strides[0] + (long)h * vs_strides[1];
   for (int r = warp; r < RT; r += NWARP) {
     float m = NEG;
     for (int j = lane; j < n_tok; j += 32) m = tq_max(m, s_s[r * TMAX + j]);
@@ -159,7 +278,7 @@ DECODE = """
     for (int j = lane; j < n_tok; j += 32) {
       const float p = dead ? 0.0f : tq_exp(s_s[r * TMAX + j] - m);
       l += p;
-      s_s[r * TMAX + j] = p * tq_f(vs[vsbase + (long)(t0 + j) * vs_strides[2]]);
+      s_s[r * TMAX + j] = p * vsc_s[j];
     }
     l = tq_warp_sum(l);
     if (lane == 0 && row0 + r < n_rows) {
@@ -170,6 +289,7 @@ DECODE = """
   }
   $BARRIER;
 
+  // values: chunks of CV tokens staged in shared memory; a thread per 4 coordinates
   const int g = tid % NG;
   const int lnum = tid / NG;
   float acc[RT][4];
@@ -182,34 +302,57 @@ DECODE = """
   const int bit0 = g * 4 * BV;
   const int k0 = bit0 >> 5;
   const int o0 = bit0 & 31;
-  if (lnum < NL) {
-    $UNROLL4
-    for (int j = lnum; j < n_tok; j += NL) {
-      const long off = vbase + (long)(t0 + j) * vp_strides[2] + k0;
-      const unsigned int w0 = vp[off];
-      const unsigned int w1 = (k0 + 1 < WV) ? vp[off + 1] : 0u;
-      float c[4];
-      #pragma unroll
-      for (int cc = 0; cc < 4; ++cc) {
-        const int p = o0 + cc * BV;
-        unsigned int v;
-        if (p >= 32) {
-          v = w1 >> (p - 32);
-        } else {
-          v = w0 >> p;
-          if (p + BV > 32) v |= w1 << (32 - p);
-        }
-        c[cc] = vcb_s[v & MV];
-      }
-      #pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        const float pr = s_s[r * TMAX + j];
+  for (int c0 = 0; c0 < n_tok; c0 += CV) {
+    const int nc = min(CV, n_tok - c0);
+    {
+      constexpr int PER = (CV * WV + NT - 1) / NT;
+      constexpr int BATCH = PER < 8 ? PER : 8;
+      #pragma unroll 1
+      for (int u0 = 0; u0 < PER; u0 += BATCH) {
+        unsigned int tmp[BATCH];
         #pragma unroll
-        for (int cc = 0; cc < 4; ++cc) acc[r][cc] += pr * c[cc];
+        for (int u = 0; u < BATCH; ++u) {
+          const int i = tid + (u0 + u) * NT;
+          const int j = i / WV;
+          tmp[u] = (i < nc * WV) ? vp[vbase + (long)(t0 + c0 + j) * vp_strides[2] + (i - j * WV)] : 0u;
+        }
+        #pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+          const int i = tid + (u0 + u) * NT;
+          const int j = i / WV;
+          if (i < nc * WV) buf[j * WVP + (i - j * WV)] = tmp[u];
+        }
       }
     }
+    $BARRIER;
+    if (lnum < NL) {
+      $UNROLL4
+      for (int j = lnum; j < nc; j += NL) {
+        const unsigned int w0 = buf[j * WVP + k0];
+        const unsigned int w1 = (k0 + 1 < WV) ? buf[j * WVP + k0 + 1] : 0u;
+        float c[4];
+        #pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const int p = o0 + cc * BV;
+          unsigned int v;
+          if (p >= 32) {
+            v = w1 >> (p - 32);
+          } else {
+            v = w0 >> p;
+            if (p + BV > 32) v |= w1 << (32 - p);
+          }
+          c[cc] = vcb_s[v & MV];
+        }
+        #pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const float pr = s_s[r * TMAX + c0 + j];
+          #pragma unroll
+          for (int cc = 0; cc < 4; ++cc) acc[r][cc] += pr * c[cc];
+        }
+      }
+    }
+    $BARRIER;
   }
-  $BARRIER;
   if (lnum < NL) {
     #pragma unroll
     for (int r = 0; r < RT; ++r) {
@@ -227,6 +370,96 @@ DECODE = """
     }
   }
 """
+
+# Decode attention, pass 2: the log-sum-exp merge of the splits (``fused.combine_splits``),
+# the un-rotation of the output row (ROT) and the value mean (MEAN), one threadgroup per
+# output row. Template: DV, NT, ROT, MEAN, OutT. Inputs: acc [BH, R, S, DV], ml [BH, R, S, 2]
+# from pass 1, vsign (DV signs), mean [B, H, 1, DV] float16 (any strides; read when MEAN).
+# Output [BH * R, DV] in OutT, i.e. [B, n_q, L, DV].
+COMBINE = """
+  constexpr int SMAX = 1024;
+  constexpr float NEG = -3.0e38f;
+  constexpr int NGR = NT / DV;
+  $SHARED float w_s[SMAX];
+  $SHARED float red[NT > DV ? NT : DV];
+  $SHARED float o_s[DV];
+  const int tid = $TID;
+  const int row = $GX;
+  const int S = acc_shape[2];
+  const int n_rows = acc_shape[1];
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const long base = (long)row * S;
+
+  float m = NEG;
+  for (int s = tid; s < S; s += NT) m = tq_max(m, ml[(base + s) * 2]);
+  m = tq_warp_max(m);
+  if (lane == 0) red[warp] = m;
+  $BARRIER;
+  float top = NEG;
+  for (int k = 0; k < NT / 32; ++k) top = tq_max(top, red[k]);
+  $BARRIER;
+  float l = 0.0f;
+  for (int s = tid; s < S; s += NT) {
+    const float w = tq_exp(ml[(base + s) * 2] - top);
+    if (s < SMAX) w_s[s] = w;
+    l += w * ml[(base + s) * 2 + 1];
+  }
+  l = tq_warp_sum(l);
+  if (lane == 0) red[warp] = l;
+  $BARRIER;
+  float lsum = 0.0f;
+  for (int k = 0; k < NT / 32; ++k) lsum += red[k];
+  $BARRIER;
+
+  const int d = tid % DV;
+  const int grp = tid / DV;
+  if (grp < NGR) {
+    float sum = 0.0f;
+    for (int s = grp; s < S; s += NGR) {
+      const float w = s < SMAX ? w_s[s] : tq_exp(ml[(base + s) * 2] - top);
+      sum += acc[(base + s) * DV + d] * w;
+    }
+    red[grp * DV + d] = sum;
+  }
+  $BARRIER;
+  for (int i = tid; i < DV; i += NT) {
+    float sum = 0.0f;
+    for (int k = 0; k < NGR; ++k) sum += red[k * DV + i];
+    o_s[i] = sum / lsum;
+  }
+  if (ROT) {
+    constexpr int DIM = DV;
+    constexpr int ROWS = 1;
+    $SPTR float* X = o_s;
+$FWHT
+  }
+  $BARRIER;
+  for (int i = tid; i < DV; i += NT) {
+    float x = o_s[i];
+    if (ROT) {
+      int size = 0, start = 0;
+      for (int k = 16; k >= 0; --k) {
+        if ((DV >> k) & 1) {
+          if (i < start + (1 << k)) { size = 1 << k; break; }
+          start += 1 << k;
+        }
+      }
+      x *= tq_rsqrt((float)size) * vsign[i];
+    }
+    if (MEAN) {
+      const int H = mean_shape[1];
+      const int bh = row / n_rows;
+      const int b = bh / H;
+      const int hh = bh - b * H;
+      x += tq_f(mean[(long)b * mean_strides[0] + (long)hh * mean_strides[1] + (long)i * mean_strides[3]]);
+    }
+    out[(long)row * DV + i] = tq_out<OutT>(x);
+  }
+"""
+
+DECODE = DECODE.replace("$FWHT", _FWHT)
+COMBINE = COMBINE.replace("$FWHT", _FWHT)
 
 # Packed words + scales -> scale * codebook[idx] in OutT, [B, H, T, D] row-contiguous, from
 # packed input of any strides. Template: BITS, D, OutT. params = [number of elements].
