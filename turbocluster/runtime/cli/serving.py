@@ -302,12 +302,7 @@ def _resume(args, common):
         if not args.session:
             raise ValueError("give the SESSION id (kept by `turbo-cluster generate --keep`), --server URL or --snapshot PATH")
         with common._connect(args) as cluster:  # a session kept on the nodes: its last node holds the pending token
-            tok, ids = cluster.tokenizer, []
-            for token in cluster.resume(args.session, args.max_tokens, keep=args.keep):
-                if token in tok.eos_token_ids:
-                    break
-                ids.append(token)
-            output.result(tok.decode(ids))
+            _continue(cluster, args.session, args)
         if args.keep:
             _err(f"kept session {args.session}")
         return 0
@@ -316,14 +311,18 @@ def _resume(args, common):
             common._plan_and_load(cluster, 4096, None)
         sid = cluster.restore(args.snapshot, args.session)
         _err(f"restored session {sid}")
-        tok = cluster.tokenizer
-        ids = []
-        for token in cluster.resume(sid, args.max_tokens, keep=args.keep):
-            if token in tok.eos_token_ids:
-                break
-            ids.append(token)
-        output.result(tok.decode(ids))
+        _continue(cluster, sid, args)
     return 0
+
+
+def _continue(cluster, sid, args):
+    """Print the text ``resume`` generates for ``sid`` (up to EOS or --max-tokens)."""
+    tok, ids = cluster.tokenizer, []
+    for token in cluster.resume(sid, args.max_tokens, keep=args.keep):
+        if token in tok.eos_token_ids:
+            break
+        ids.append(token)
+    output.result(tok.decode(ids))
 
 
 def _loaded(cluster):

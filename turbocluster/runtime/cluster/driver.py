@@ -30,7 +30,7 @@ from ..sessions.container import SessionFormatError
 from ..transport.errors import REASON_LOCKED, ClusterError, from_rpc, moved_to, reason_of
 from . import failover, migration
 from .failover import RETRYABLE, drop, retry, warn
-from .membership import Live, Stage
+from .membership import Live
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,6 @@ class Driver:
         that orphan goes too.
         """
         live, self.journals = self.live.pop(sid, None), {k: v for k, v in self.journals.items() if k != sid}
-        route = [st.client for st in live.route] if live else []
         t = self.policy.probe_timeout_s
         with live.lock if live else threading.Lock():  # a migration in flight finishes first, then its route goes
             dropped = self._drop_chain(sid, [st.address for st in live.route] if live else [])
@@ -287,7 +286,8 @@ class Driver:
                 what = f"{e.code().name}: {e.details()}"
                 if e.code() not in RETRYABLE:
                     raise ClusterError(f"session {j.session_id}: {what}", e.code()) from None
-                follow = moved_to(e) or follow
+                moved = moved_to(e)
+                follow = moved or follow
                 if reason_of(e) == REASON_LOCKED:  # another process is moving or snapshotting it: wait, nothing failed
                     locked_since = locked_since or time.monotonic()
                     if time.monotonic() - locked_since < p.locked_wait_s:
@@ -298,7 +298,7 @@ class Driver:
                 failures = 1 if j.done > at else failures + 1
                 if failures > p.retries:
                     raise ClusterError(f"session {j.session_id}: step failed {failures} times in a row, giving up; last: {what}", e.code()) from None
-                if moved_to(e):  # another coordinator moved its first stage: follow it, no node was lost
+                if moved:  # another coordinator moved its first stage: follow it, no node was lost
                     log.info("session %s: %s; following it", j.session_id, what)
                     rewind = True
                     continue
@@ -365,9 +365,9 @@ class Driver:
     def _follow(self, sid: str, start: Optional[str] = None) -> Optional[list]:
         """The session's route as its nodes chain it, from ``start`` (where a migration moved stage 0) or the
         route's first node; None when the chain is broken. Another coordinator may have moved stages."""
-        m, route = self.cluster.membership, []
+        m, where = self.cluster.membership, {}
         address = start or self.live[sid].route[0].address
-        while address and len(route) < 64:
+        while address and address not in where:
             try:
                 c = m.client(address)  # never re-dialled here: stages of the route hold these connections
                 info, held = c.info(), [s for s in c.sessions() if s.session_id == sid]
@@ -375,9 +375,9 @@ class Driver:
                 return None
             if not held:
                 return None
-            route.append(Stage(c, info.layer_start, info.layer_end))
+            where[address] = (c, info, held[0])
             address = held[0].next_address
-        return route if route and route[-1].end == self.cluster.desc["num_layers"] else None
+        return failover.chain(where, self.cluster.desc["num_layers"])
 
     def _rewind(self, j: Journal, start: Optional[str] = None) -> bool:
         """Trim every stage back to the journal's offset; False if a stage no longer holds the session.

@@ -232,7 +232,7 @@ def _clear(cluster, alive, ours):
     held = {}
     for sid, where in holders.items():
         if sid not in ours:
-            route = _chain(where, cluster.desc["num_layers"])
+            route = chain(where, cluster.desc["num_layers"])
             if route is None:
                 warn(f"session {sid!r} lost a stage with the failed node(s); dropping it on the survivors")
                 state(cluster).orphans.append(sid)
@@ -246,8 +246,9 @@ def _clear(cluster, alive, ours):
     return held
 
 
-def _chain(where, num_layers):
-    """The stages of a session from layer 0 to the last layer over its surviving holders, or None."""
+def chain(where: dict, num_layers: int):
+    """The stages of a session from layer 0 to the last layer over its holders
+    (``{address: (client, NodeInfo, SessionInfo)}``), or None if the chain is broken or loops."""
     by_address = {a: h for a, h in where.items()}
     at = [h for h in where.values() if h[1].layer_start == 0]
     route, seen = [], set()

@@ -63,12 +63,12 @@ class NodeMetrics:
 
     def render(self, node) -> str:
         """The Prometheus text, gauges refreshed from ``node`` (the servicer)."""
-        sessions = node.sessions.list()
+        sessions, reserved = node.sessions.list(), node.sessions.reserved()
         self.sessions.labels(self.name).set(len(sessions))
-        self.kv_reserved.labels(self.name).set(sum(s.kv_bytes_reserved for s in sessions))
+        self.kv_reserved.labels(self.name).set(reserved)
         self.kv_used.labels(self.name).set(sum(s.kv_bytes_used() for s in sessions))
         self.memory_budget.labels(self.name).set(node.memory_budget)
-        self.memory_used.labels(self.name).set(node.weights_bytes + sum(s.kv_bytes_reserved for s in sessions))
+        self.memory_used.labels(self.name).set(node.weights_bytes + reserved)  # as GetInfo's memory_used_bytes
         self.tokens_per_s.labels(self.name).set(self.recent_positions_per_s())
         return generate_latest(self.registry).decode()
 
