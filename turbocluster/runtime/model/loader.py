@@ -9,10 +9,8 @@ the last shard needs it as the tied head; ``model.model.norm`` and
 ``model.layer_range = (start, end)`` and ``model.num_layers_total = n``.
 """
 
-import hashlib
 import importlib.util
 import json
-import os
 import re
 import struct
 from pathlib import Path
@@ -21,6 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import gguf, shard
+from .identity import identity
 
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -29,7 +28,6 @@ _SAFETENSORS_DTYPES = {
     "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
 _FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-_digests = {}
 
 
 def default_model_path():
@@ -234,34 +232,6 @@ def _describe_dir(path):
         "head_bytes": head,
         "tie_word_embeddings": tied,
     }
-
-
-def _file_digest(path):
-    """sha256 of a file's bytes, cached per (path, size, mtime) for the process."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _digests:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        _digests[key] = h.hexdigest()
-    return _digests[key]
-
-
-def identity(path):
-    """Compatibility hash: sha256 of a file, or of a directory's config.json and weight files.
-
-    Weights are hashed in full (not only their headers) so two fine-tunes of
-    one architecture never pass a handshake as the same model.
-    """
-    path = Path(path)
-    if path.is_file():
-        return _file_digest(path)
-    h = hashlib.sha256()
-    for file in [path / "config.json", *sorted(path.glob("model*.safetensors"))]:
-        h.update(f"{file.name}\0{_file_digest(file)}\0".encode())
-    return h.hexdigest()
 
 
 def parameter_bytes(model):
