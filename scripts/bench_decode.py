@@ -30,6 +30,9 @@ CACHES = {
     "turbo4": lambda m: make_turbo_cache(m, k_bits=4, v_bits=4),
     "k4v3": lambda m: make_turbo_cache(m, k_bits=4, v_bits=3),
     "turbo3-mlx-ops": lambda m: make_turbo_cache(m, k_bits=3, v_bits=3),  # native kernel off
+    # the presets (docs/cache.md "Fidelity"): float16 sinks and window read beside the packed middle
+    "best": lambda m: make_turbo_cache(m, preset="best"),
+    "small": lambda m: make_turbo_cache(m, preset="small"),
 }
 
 

@@ -56,11 +56,13 @@ static inline uint32_t field(const uint8_t *row, int nbytes, int k, int F) {
 _NATIVE_BODY = r"""
 /* q: [B, H, R, D] float32, rows r = rep * L + l, already rotated and scaled.
    kp/vp: packed uint32, strides (elements) for b, h, t in kps/vps; ks/vs: float32
-   scales with strides kss/vss. Luts: 2**F rows of M centroids. out: [B, H, R, Dv]. */
+   scales with strides kss/vss. Luts: 2**F rows of M centroids. out: [B, H, R, Dv].
+   lse: NULL, or [B, H, R] to receive each row's log-sum-exp of its scores. */
 int turbo_attention(int B, int H, int R, int L, int T, int D, int Dv, int causal,
                     const float *q, float *out,
                     const uint32_t *kp, const int64_t *kps, const float *ks, const int64_t *kss, int kbits, const float *klut,
-                    const uint32_t *vp, const int64_t *vps, const float *vs, const int64_t *vss, int vbits, const float *vlut) {
+                    const uint32_t *vp, const int64_t *vps, const float *vs, const int64_t *vss, int vbits, const float *vlut,
+                    float *lse) {
   unpack_fn uk = pick(kbits), uv = pick(vbits);
   if (!uk || !uv) return -1;
   int fail = 0; /* one thread: OpenMP's spinning workers slowed MLX's own CPU work */
@@ -91,6 +93,7 @@ int turbo_attention(int B, int H, int R, int L, int T, int D, int Dv, int causal
         float sum = 0.f;
         for (int t = 0; t < valid; t++) { row[t] = expf(row[t] - m); sum += row[t]; }
         const float inv = 1.f / sum;
+        if (lse) lse[(size_t)(b * H + h) * R + r] = m + logf(sum);
         for (int t = 0; t < valid; t++) row[t] *= inv;
         for (int t = valid; t < T; t++) row[t] = 0.f;
         for (int d = 0; d < Dv; d++) acc[(size_t)r * Dv + d] = 0.f;
@@ -170,8 +173,12 @@ def applies(rows):
     return rows <= NATIVE_MAX_ROWS and mx.default_device() == mx.cpu and library() is not None
 
 
-def attention(q, keys, values, L, causal):
-    """q: [B, n_kv, R, D] float32, rotated and scaled. Returns [B, n_kv, R, Dv] float32."""
+def attention(q, keys, values, L, causal, with_lse=False):
+    """q: [B, n_kv, R, D] float32, rotated and scaled. Returns [B, n_kv, R, Dv] float32.
+
+    with_lse: also return each row's log-sum-exp of its scores, [B, n_kv, R, 1]
+    (what merging with attention over other keys needs: ``attention.split_attention``).
+    """
     lib = library()
     ks, vs = keys.scales.astype(mx.float32), values.scales.astype(mx.float32)
     mx.eval(q, ks, vs, keys.packed, values.packed)
@@ -185,11 +192,13 @@ def attention(q, keys, values, L, causal):
     out = np.empty((B, H, R, values.dim), dtype=np.float32)
     klut, vlut = _table(keys.bits, keys.codebook), _table(values.bits, values.codebook)
     p = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+    lse = np.empty((B, H, R, 1), dtype=np.float32) if with_lse else None
     rc = lib.turbo_attention(
         B, H, R, L, T, D, values.dim, int(causal), p(qn), p(out),
         p(arrays[0]), p(strides[0]), p(arrays[1]), p(strides[1]), keys.bits, p(klut),
         p(arrays[2]), p(strides[2]), p(arrays[3]), p(strides[3]), values.bits, p(vlut),
+        p(lse) if with_lse else None,
     )
     if rc:
         raise RuntimeError(f"turbo_attention kernel failed with code {rc}")
-    return mx.array(out)
+    return (mx.array(out), mx.array(lse)) if with_lse else mx.array(out)

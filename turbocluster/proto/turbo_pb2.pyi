@@ -185,18 +185,34 @@ class LoadProgress(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., stage: _Optional[str] = ..., message: _Optional[str] = ..., done: _Optional[bool] = ..., info: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
 
 class CacheConfig(_message.Message):
-    __slots__ = ("k_bits", "v_bits", "fp16_layers", "quantized_start", "key_mean")
+    __slots__ = ("k_bits", "v_bits", "fp16_layers", "quantized_start", "key_mean", "sinks", "window", "layer_bits")
     K_BITS_FIELD_NUMBER: _ClassVar[int]
     V_BITS_FIELD_NUMBER: _ClassVar[int]
     FP16_LAYERS_FIELD_NUMBER: _ClassVar[int]
     QUANTIZED_START_FIELD_NUMBER: _ClassVar[int]
     KEY_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SINKS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BITS_FIELD_NUMBER: _ClassVar[int]
     k_bits: int
     v_bits: int
     fp16_layers: int
     quantized_start: int
     key_mean: bool
-    def __init__(self, k_bits: _Optional[int] = ..., v_bits: _Optional[int] = ..., fp16_layers: _Optional[int] = ..., quantized_start: _Optional[int] = ..., key_mean: _Optional[bool] = ...) -> None: ...
+    sinks: int
+    window: int
+    layer_bits: _containers.RepeatedCompositeFieldContainer[LayerBits]
+    def __init__(self, k_bits: _Optional[int] = ..., v_bits: _Optional[int] = ..., fp16_layers: _Optional[int] = ..., quantized_start: _Optional[int] = ..., key_mean: _Optional[bool] = ..., sinks: _Optional[int] = ..., window: _Optional[int] = ..., layer_bits: _Optional[_Iterable[_Union[LayerBits, _Mapping]]] = ...) -> None: ...
+
+class LayerBits(_message.Message):
+    __slots__ = ("layer", "k_bits", "v_bits")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    K_BITS_FIELD_NUMBER: _ClassVar[int]
+    V_BITS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    k_bits: int
+    v_bits: int
+    def __init__(self, layer: _Optional[int] = ..., k_bits: _Optional[int] = ..., v_bits: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "seed", "top_k", "min_p", "min_tokens_to_keep", "repetition_penalty", "repetition_context_size", "presence_penalty", "frequency_penalty", "penalty_context_size")

@@ -39,6 +39,7 @@ from ...kernels import fused as fused_gpu
 from ...kernels import native as native_cpu
 from ...kernels import turboquant as tq
 from ...kernels.packed import PackedKV  # noqa: F401  (re-exported: the kernels layer owns it)
+from .recent import SplitKV
 
 CHUNK_TOKENS = 4096  # most keys read per chunk
 CHUNK_SCORES = 1 << 22  # most float32 scores per chunk (queries x keys), bounds prefill memory
@@ -78,7 +79,7 @@ def _split_mask(mask, n_q_heads, n_kv_heads):
     raise ValueError(f"attention mask has {heads} heads, expected 1 or {n_q_heads}")
 
 
-def turbo_scaled_dot_product_attention(queries, keys: PackedKV, values: PackedKV, scale, mask=None, native=None):
+def turbo_scaled_dot_product_attention(queries, keys: PackedKV, values: PackedKV, scale, mask=None, native=None, with_lse=False):
     """softmax(scale * q k^T + mask) v with k and v read from ``PackedKV``.
 
     queries: [B, n_q_heads, L, D]; keys, values: [B, n_kv_heads, T, D] packed.
@@ -87,6 +88,7 @@ def turbo_scaled_dot_product_attention(queries, keys: PackedKV, values: PackedKV
     Returns [B, n_q_heads, L, Dv] in the queries' dtype.
     native: None picks the native CPU kernel where it applies (see below);
     False forces MLX ops; True requires the native kernel.
+    with_lse: return (float32 output, log-sum-exp of each row's scores [B, n_q, L, 1]).
     """
     B, n_q, L, D = queries.shape
     _, n_kv, T, _ = keys.packed.shape
@@ -113,9 +115,12 @@ def turbo_scaled_dot_product_attention(queries, keys: PackedKV, values: PackedKV
         native = mask is None and native_cpu.applies(n_rep * L)
     elif native and (native_cpu.library() is None or mask is not None):
         raise ValueError("the native kernel needs a C compiler, the CPU and a None or 'causal' mask")
+    dtype = mx.float32 if with_lse else queries.dtype
     if native:
-        out = native_cpu.attention(q, keys, values, L, causal).reshape(B, n_q, L, Dv)
-        return _finish(out, values, queries.dtype)
+        out = native_cpu.attention(q, keys, values, L, causal, with_lse)
+        if with_lse:
+            return _finish(out[0].reshape(B, n_q, L, Dv), values, dtype), out[1].reshape(B, n_q, L, 1)
+        return _finish(out.reshape(B, n_q, L, Dv), values, dtype)
 
     chunk = _chunk_tokens(B, n_q, L)
     neg = mx.finfo(mx.float32).min
@@ -148,7 +153,60 @@ def turbo_scaled_dot_product_attention(queries, keys: PackedKV, values: PackedKV
             l_run = l_run * corr + p_sum
             acc = acc * corr + pv
         m_run = m_new
-    return _finish((acc / l_run).reshape(B, n_q, L, Dv), values, queries.dtype)
+    out = _finish((acc / l_run).reshape(B, n_q, L, Dv), values, dtype)
+    return (out, (m_run + mx.log(l_run)).reshape(B, n_q, L, 1)) if with_lse else out
+
+
+def _float_attention(q, k, v, scale, allowed):
+    """(output, log-sum-exp) of float32 attention; ``allowed``: None or bool [..., L, Tf]."""
+    B, n_q, L, D = q.shape
+    n_kv = k.shape[1]
+    q = (q.astype(mx.float32) * scale).reshape(B, n_kv, -1, D)
+    s = (q @ k.astype(mx.float32).swapaxes(-1, -2)).reshape(B, n_kv, n_q // n_kv, L, -1)
+    if allowed is not None:
+        s = mx.where(allowed, s, mx.finfo(mx.float32).min)
+    m = s.max(axis=-1, keepdims=True)
+    p = mx.exp(s - m)
+    l = p.sum(axis=-1, keepdims=True)
+    out = (p.reshape(B, n_kv, -1, k.shape[2]) @ v.astype(mx.float32)).reshape(B, n_kv, n_q // n_kv, L, -1) / l
+    return out.reshape(B, n_q, L, -1), (m + mx.log(l)).reshape(B, n_q, L, 1)
+
+
+def split_attention(queries, keys: SplitKV, values: SplitKV, scale, mask=None):
+    """Attention over a ``SplitKV``: the packed middle and the float16 sinks and window, merged exactly.
+
+    Each part runs its own softmax and returns its log-sum-exp; the outputs are
+    weighted by ``exp(lse_part - lse_total)``. mask: None, "causal" (the L
+    queries are the last L positions) or an array over all ``total`` positions.
+    """
+    B, n_q, L, D = queries.shape
+    T, lo, hi = keys.total, keys.n_sinks, keys.total - keys.n_window
+    pos_f = keys.float_positions()
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"mask must be None, 'causal' or an array, got {mask!r}")
+        q_pos = mx.arange(T - L, T)[:, None]
+        mask_f = q_pos >= pos_f[None] if L > 1 else None
+        mask_p = (q_pos >= mx.arange(lo, hi)[None]) if hi - 1 > T - L else None
+    elif mask is not None:
+        mask_f = _split_mask(mx.take(mask, pos_f, axis=-1), n_q, keys.packed.packed.shape[1])
+        mask_p = mask[..., lo:hi]
+    else:
+        mask_f = mask_p = None
+    if mask_f is not None and mask_f.dtype != mx.bool_:  # an additive mask: keep what it does not rule out
+        mask_f = mask_f > mx.finfo(mx.float32).min / 2
+    out, lse = _float_attention(queries, keys.floats, values.floats, scale, mask_f)
+    if hi > lo:
+        out_p, lse_p = turbo_scaled_dot_product_attention(queries, keys.packed, values.packed, scale, mask=mask_p, with_lse=True)
+        if keys.key_mean is not None:  # the packed scores lack q . mean (a constant per query row)
+            n_kv = keys.key_mean.shape[1]
+            q = queries.astype(mx.float32).reshape(B, n_kv, -1, D)
+            shift = (q @ keys.key_mean.astype(mx.float32).swapaxes(-1, -2)) * scale
+            lse_p = lse_p + shift.reshape(B, n_q, L, 1)
+        top = mx.maximum(lse, lse_p)
+        w, w_p = mx.exp(lse - top), mx.exp(lse_p - top)
+        out = (out * w + out_p * w_p) / (w + w_p)
+    return out.astype(queries.dtype)
 
 
 def _finish(out, values: PackedKV, dtype):
@@ -182,6 +240,10 @@ _original_sdpa = None
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
     """mlx-lm's ``base.scaled_dot_product_attention`` that also reads ``PackedKV``."""
+    if isinstance(keys, SplitKV):
+        if sinks is not None:
+            raise ValueError("TurboQuant attention does not support attention sinks")
+        return split_attention(queries, keys, values, scale, mask)
     if isinstance(keys, PackedKV):
         if sinks is not None:
             raise ValueError("TurboQuant attention does not support attention sinks")

@@ -6,7 +6,7 @@ CreateSession, the session container, failover's journal) passes a
 """
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 from ...kernels import format as tq
 
@@ -22,6 +22,9 @@ class CacheConfig:
     fp16_layers: int = 0  # the first N layers of the *model* (global index) stay fp16
     quantized_start: int = 0  # positions kept in fp16 before the cache compresses them all
     key_mean: bool = False  # subtract a per-head, per-channel key mean before encoding keys
+    sinks: int = 0  # the first N positions are also kept (and read) in float16
+    window: int = 0  # the last N positions are also kept (and read) in float16
+    layer_bits: Tuple[Tuple[int, int, int], ...] = ()  # (global layer, k_bits, v_bits) overriding the widths per layer
 
     @property
     def turbo(self) -> bool:
@@ -39,11 +42,30 @@ class CacheConfig:
                         f"{name} {b} is not a TurboQuant width; expected one of {', '.join(map(str, tq.SUPPORTED_BITS))} "
                         "(or 0 for both: an fp16 cache)"
                     )
-        for name in ("fp16_layers", "quantized_start"):
+        for name in ("fp16_layers", "quantized_start", "sinks", "window"):
             v = getattr(self, name)
             if type(v) is not int or v < 0:
                 raise CacheConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        if (self.sinks or self.window or self.layer_bits) and not self.turbo:
+            raise CacheConfigError("sinks, window and layer_bits need a TurboQuant cache (k_bits and v_bits)")
+        layers = [t[0] if isinstance(t, tuple) and len(t) == 3 else None for t in self.layer_bits]
+        if not isinstance(self.layer_bits, tuple) or None in layers or len(set(layers)) != len(layers):
+            raise CacheConfigError(f"layer_bits must be distinct (layer, k_bits, v_bits) triples, got {self.layer_bits!r}")
+        for layer, k, v in self.layer_bits:
+            if type(layer) is not int or layer < 0 or k not in tq.SUPPORTED_BITS or v not in tq.SUPPORTED_BITS:
+                raise CacheConfigError(f"layer_bits entry {(layer, k, v)} needs a layer >= 0 and widths in {tq.SUPPORTED_BITS}")
         return self
+
+    def layer_bits_map(self) -> dict:
+        """``{global layer: (k_bits, v_bits)}``, as ``make_turbo_cache`` takes it."""
+        return {layer: (k, v) for layer, k, v in self.layer_bits}
+
+    def bits_of(self, layer: int) -> Tuple[int, int]:
+        return self.layer_bits_map().get(layer, (self.k_bits, self.v_bits))
+
+    def cache_options(self) -> dict:
+        """``TurboQuantKVCache`` keywords beyond the widths and ``quantized_start``."""
+        return dict(key_mean=self.key_mean, sinks=self.sinks, window=self.window)
 
     def describe(self) -> str:
         if not self.turbo:
@@ -55,12 +77,20 @@ class CacheConfig:
             text += f" fp16-layers {self.fp16_layers}"
         if self.quantized_start:
             text += f" quantized-start {self.quantized_start}"
+        if self.sinks or self.window:
+            text += f" sinks {self.sinks} window {self.window}"
+        if self.layer_bits:
+            text += " layers " + ",".join(f"{layer}:k{k}v{v}" for layer, k, v in self.layer_bits)
         return text
 
     # -- conversions: the only place the setting changes form -------------------
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v}
+        """Non-default fields; ``layer_bits`` as a list of [layer, k_bits, v_bits] (JSON has no tuples)."""
+        out = {k: v for k, v in asdict(self).items() if v}
+        if self.layer_bits:
+            out["layer_bits"] = [list(t) for t in self.layer_bits]
+        return out
 
     @classmethod
     def from_dict(cls, d: Optional[dict], check: bool = True) -> "CacheConfig":
@@ -81,6 +111,12 @@ class CacheConfig:
             if k == "key_mean":
                 if not isinstance(v, bool):
                     raise CacheConfigError(f"key_mean must be true or false, got {v!r}")
+            elif k == "layer_bits":
+                if isinstance(v, dict):
+                    v = [(layer, *kv) for layer, kv in v.items()]
+                if not isinstance(v, (list, tuple)) or not all(isinstance(t, (list, tuple)) and len(t) == 3 for t in v):
+                    raise CacheConfigError(f"layer_bits must be a list of [layer, k_bits, v_bits], got {v!r}")
+                v = tuple(sorted(tuple(t) for t in v))
             elif type(v) is not int:
                 raise CacheConfigError(f"{k} must be an integer, got {v!r}")
             out[k] = v
@@ -89,13 +125,16 @@ class CacheConfig:
 
     def to_proto(self, pb):
         """The ``turbocluster.v1.CacheConfig`` message (``pb`` is the generated module)."""
-        return pb.CacheConfig(**self.to_dict())
+        d = self.to_dict()
+        d["layer_bits"] = [pb.LayerBits(layer=layer, k_bits=k, v_bits=v) for layer, k, v in self.layer_bits]
+        return pb.CacheConfig(**d)
 
     @classmethod
     def from_proto(cls, message) -> "CacheConfig":
         return cls(
             k_bits=message.k_bits, v_bits=message.v_bits, fp16_layers=message.fp16_layers,
-            quantized_start=message.quantized_start, key_mean=message.key_mean,
+            quantized_start=message.quantized_start, key_mean=message.key_mean, sinks=message.sinks, window=message.window,
+            layer_bits=tuple(sorted((m.layer, m.k_bits, m.v_bits) for m in message.layer_bits)),
         ).check()
 
     def with_(self, **changes) -> "CacheConfig":
@@ -114,7 +153,8 @@ def kv_bytes(num_layers, num_kv_heads, head_dim, positions, cache=None, itemsize
         position (``itemsize`` is the activations': 4 on CPU nodes, which keep
         float32), rounded up to mlx-lm's 256-position allocation step;
       * TurboQuant layers: the format's bytes per packed vector
-        (``format.vector_nbytes``) plus, with ``quantized_start``, the float
+        (``format.vector_nbytes``, per layer with ``layer_bits``), the float16
+        sinks and window (2 bytes a number), plus, with ``quantized_start``, the float
         buffers of the first ``quantized_start`` positions, held until the
         crossing compresses them (both exist at that moment).
 
@@ -131,8 +171,14 @@ def kv_bytes(num_layers, num_kv_heads, head_dim, positions, cache=None, itemsize
     start, end = layers if layers is not None else (0, num_layers)
     total = total_layers if total_layers is not None else end
     fp16 = cache.fp16_layers
-    n_float = sum(1 for i in range(start, end) if i < fp16 or i >= total - fp16)
-    packed = (tq.vector_nbytes(head_dim, k_bits) + tq.vector_nbytes(head_dim, v_bits)) * rounded(positions)
+    extra = 2 * head_dim * 2 * min(positions, cache.sinks + cache.window)  # float16 sinks and window
     if cache.quantized_start:
-        packed += 2 * head_dim * itemsize * rounded(min(positions, cache.quantized_start))
-    return num_kv_heads * (n_float * float_per + (num_layers - n_float) * packed)
+        extra += 2 * head_dim * itemsize * rounded(min(positions, cache.quantized_start))
+    total_bytes = 0
+    for i in range(start, end):
+        if i < fp16 or i >= total - fp16:
+            total_bytes += float_per
+        else:
+            kb, vb = cache.bits_of(i)
+            total_bytes += (tq.vector_nbytes(head_dim, kb) + tq.vector_nbytes(head_dim, vb)) * rounded(positions) + extra
+    return num_kv_heads * total_bytes

@@ -53,7 +53,7 @@ def make_caches(model, cache=None, max_context=None):
             logger.debug("layer %d keeps an fp16 cache: its attention uses sinks", i)
             out.append(c)
         else:
-            out.append(_packed(c, config))
+            out.append(_packed(c, config, i))
     return out
 
 
@@ -62,10 +62,10 @@ def _plain(c) -> bool:
     return type(c) is KVCache or (type(c) is CacheList and any(type(x) is KVCache for x in c.caches))
 
 
-def _packed(c, config: CacheConfig):
+def _packed(c, config: CacheConfig, layer: int):
     def turbo(x):
         if type(x) is not KVCache:
             return x
-        return TurboQuantKVCache(config.k_bits, config.v_bits, config.quantized_start, key_mean=config.key_mean)
+        return TurboQuantKVCache(*config.bits_of(layer), config.quantized_start, **config.cache_options())
 
     return CacheList(*(turbo(x) for x in c.caches)) if type(c) is CacheList else turbo(c)

@@ -35,7 +35,11 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
 from ...kernels import turboquant as tq
-from . import attention
+from . import attention, presets, recent
+from .state_schema import (  # noqa: F401  (re-exported: the schema's names as callers know them)
+    PACKED_FIELDS, FLOAT_FIELDS, RECENT_FIELDS, SETTINGS, SETTINGS_V1, STATE_FIELDS, STATE_FIELDS_V1, STATE_VERSION, STATE_VERSIONS,
+    CacheStateError, check_state_version, named_state, state_position, upgrade_state,
+)
 from ...kernels.packed import PackedKV
 
 # --- codebooks (the format's own is turboquant.centroids; others are for experiments) --
@@ -91,53 +95,6 @@ def _encode(x, bits, codebook=None, rotate=True):
     return tq.pack(idx, bits), scale.astype(mx.float16)
 
 
-# --- the state schema ------------------------------------------------------------------
-#
-# ``state`` (mlx-lm's protocol, and the container's wire list) is positional;
-# everything else asks the cache by name: ``state_fields`` / ``from_fields``.
-# The positions are written here and nowhere else.
-
-STATE_VERSION = 1
-STATE_FIELDS = ("k_packed", "k_scales", "v_packed", "v_scales", "keys", "values", "key_mean", "offset", "meta_state")
-PACKED_FIELDS = STATE_FIELDS[:4]
-FLOAT_FIELDS = STATE_FIELDS[4:6]
-SETTINGS = ("k_bits", "v_bits", "quantized_start", "codebook", "rotate_values", "key_mean")
-
-
-class CacheStateError(ValueError):
-    """A cache state this version cannot read. ``code``: STATE_VERSION or STATE_FIELDS."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def check_state_version(version) -> int:
-    """``version`` if this code reads it, else CacheStateError(STATE_VERSION)."""
-    if version != STATE_VERSION:
-        raise CacheStateError(
-            "STATE_VERSION", f"TurboQuantKVCache state version {version!r} is not supported (this build reads {STATE_VERSION})"
-        )
-    return version
-
-
-def state_position(name: str) -> int:
-    """Where field ``name`` sits in ``state`` (for error messages about a wire list)."""
-    return STATE_FIELDS.index(name)
-
-
-def named_state(state, version=STATE_VERSION) -> dict:
-    """An mlx-lm ``state`` tuple as ``{field: value}`` (``meta_state`` as a tuple of strings)."""
-    check_state_version(version)
-    if not isinstance(state, (list, tuple)) or len(state) != len(STATE_FIELDS):
-        found = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
-        raise CacheStateError("STATE_FIELDS", f"TurboQuantKVCache expects {len(STATE_FIELDS)} fields {STATE_FIELDS}, found {found}")
-    fields = dict(zip(STATE_FIELDS, state))
-    meta = fields["meta_state"]
-    fields["meta_state"] = tuple(meta) if isinstance(meta, list) else meta
-    return fields
-
-
 # --- the cache -------------------------------------------------------------------------
 
 
@@ -153,6 +110,8 @@ class TurboQuantKVCache(_BaseCache):
     value_mean: the same for values; attention adds it back to its output
         (the attention weights sum to one). An experiment: not in ``state``
         yet, so such a cache cannot be saved or migrated.
+    sinks, window: the first ``sinks`` and the last ``window`` positions are
+        also kept in float16 and attention reads them from there (``recent``).
     codebook, rotate_values: experiment knobs ("seed" codebooks, values stored
         unrotated as the seed PR did); the defaults are the format's.
 
@@ -163,13 +122,17 @@ class TurboQuantKVCache(_BaseCache):
 
     step = 256
 
-    def __init__(self, k_bits=4, v_bits=4, quantized_start=0, *, key_mean=False, value_mean=False, codebook="lloyd-max", rotate_values=True):
+    def __init__(self, k_bits=4, v_bits=4, quantized_start=0, *, key_mean=False, value_mean=False, codebook="lloyd-max", rotate_values=True,
+                 sinks=0, window=0):
         for name, b in (("k_bits", k_bits), ("v_bits", v_bits)):
             if b not in tq.SUPPORTED_BITS:
                 raise ValueError(f"{name} must be one of {tq.SUPPORTED_BITS}, got {b!r}")
         if not isinstance(quantized_start, int) or quantized_start < 0:
             raise ValueError(f"quantized_start must be a non-negative int, got {quantized_start!r}")
         _codebook(codebook, k_bits), _codebook(codebook, v_bits)
+        recent.check(sinks, window)
+        self.sinks, self.window = sinks, window
+        recent.reset(self)
         self.k_bits, self.v_bits = k_bits, v_bits
         self.quantized_start = quantized_start
         self.key_mean_enabled = bool(key_mean)
@@ -217,6 +180,7 @@ class TurboQuantKVCache(_BaseCache):
 
     PACKED_FIELDS = _PACKED = PACKED_FIELDS
     FLOAT_FIELDS = _FLOAT = FLOAT_FIELDS
+    RECENT_FIELDS = RECENT_FIELDS
 
     def update_and_fetch(self, keys, values):
         if not self.compressed:
@@ -230,7 +194,11 @@ class TurboQuantKVCache(_BaseCache):
             self.keys = self.values = None
         kp, ks = self._encode_keys(keys)
         vp, vs = self._encode_values(values)
+        first = self.offset
         self._append(self._PACKED, [kp, ks, vp, vs])
+        if self.sinks or self.window:
+            recent.remember(self, keys, values, first)
+            return recent.fetch(self)
         return self.fetch()
 
     def fetch(self):
@@ -263,6 +231,7 @@ class TurboQuantKVCache(_BaseCache):
         """Forget the last n tokens; a compressed cache stays compressed."""
         n = min(self.offset, n)
         self.offset -= n
+        recent.trim(self, n)
         return n
 
     def make_mask(self, *args, **kwargs):
@@ -270,17 +239,19 @@ class TurboQuantKVCache(_BaseCache):
 
     @property
     def meta_state(self):
-        """(k_bits, v_bits, quantized_start, codebook, rotate_values, key_mean) as strings.
+        """(k_bits, v_bits, quantized_start, codebook, rotate_values, key_mean, sinks, window) as strings.
 
         This and ``state`` are a contract (session_io checks them field by field):
         change them only together with it.
         """
         flags = (self.rotate_values, self.key_mean_enabled)
-        return (str(self.k_bits), str(self.v_bits), str(self.quantized_start), self.codebook, *(str(int(f)) for f in flags))
+        ints = (str(self.sinks), str(self.window))
+        return (str(self.k_bits), str(self.v_bits), str(self.quantized_start), self.codebook, *(str(int(f)) for f in flags), *ints)
 
     @meta_state.setter
     def meta_state(self, v):
-        k_bits, v_bits, qs, codebook, rot_v, km = v
+        k_bits, v_bits, qs, codebook, rot_v, km, *ends = v
+        self.sinks, self.window = (int(x) for x in (ends or (0, 0)))
         self.k_bits, self.v_bits, self.quantized_start = int(k_bits), int(v_bits), int(qs)
         self.codebook = codebook
         self.rotate_values, self.key_mean_enabled = (bool(int(f)) for f in (rot_v, km))
@@ -307,6 +278,7 @@ class TurboQuantKVCache(_BaseCache):
             raise ValueError("a TurboQuantKVCache with value_mean (an experiment) cannot be serialized yet")
         t = self.offset
         out = {k: None if getattr(self, k) is None else getattr(self, k)[..., :t, :] for k in self._PACKED + self._FLOAT}
+        out.update({k: getattr(self, k) for k in RECENT_FIELDS})
         out.update(key_mean=self.key_mean, offset=self.offset, meta_state=self.meta_state)
         return out
 
@@ -315,7 +287,7 @@ class TurboQuantKVCache(_BaseCache):
         missing = set(STATE_FIELDS) - set(fields)
         if missing:
             raise CacheStateError("STATE_FIELDS", f"TurboQuantKVCache state lacks {sorted(missing)}")
-        for k in self._PACKED + self._FLOAT:
+        for k in self._PACKED + self._FLOAT + RECENT_FIELDS:
             setattr(self, k, fields[k])
         self.key_mean, self.offset = fields["key_mean"], fields["offset"]
         self.meta_state = tuple(fields["meta_state"])
@@ -336,12 +308,12 @@ class TurboQuantKVCache(_BaseCache):
     def nbytes(self):
         """Bytes of the allocated buffers (see the class docstring)."""
         names = self._PACKED + self._FLOAT + ("key_mean", "value_mean")
-        return sum(getattr(self, k).nbytes for k in names if getattr(self, k) is not None)
+        return sum(getattr(self, k).nbytes for k in names if getattr(self, k) is not None) + recent.nbytes(self)
 
     @property
     def stored_nbytes(self):
         """Bytes of the ``offset`` stored tokens (plus the means, if any)."""
-        total = sum(m.nbytes for m in (self.key_mean, self.value_mean) if m is not None)
+        total = sum(m.nbytes for m in (self.key_mean, self.value_mean) if m is not None) + recent.nbytes(self)
         for k in self._PACKED + self._FLOAT:
             a = getattr(self, k)
             if a is not None:
@@ -370,7 +342,8 @@ def _global_layer_range(model, layers):
     return start, end, total
 
 
-def make_turbo_cache(model: nn.Module, k_bits=4, v_bits=4, fp16_layers=0, quantized_start=0, layers=None, layer_bits=None, **options) -> List:
+def make_turbo_cache(model: nn.Module, k_bits=4, v_bits=4, fp16_layers=0, quantized_start=0, layers=None, layer_bits=None, preset=None,
+                     **options) -> List:
     """One cache per loaded layer, usable as mlx-lm's ``prompt_cache``.
 
     Plain ``KVCache`` layers become ``TurboQuantKVCache(k_bits, v_bits,
@@ -382,8 +355,14 @@ def make_turbo_cache(model: nn.Module, k_bits=4, v_bits=4, fp16_layers=0, quanti
     to ``model.layer_range`` for a pipeline shard (with ``model.num_layers_total``),
     else all layers. ``fp16_layers`` counts against the full model.
     layer_bits: {global layer: (k_bits, v_bits)} overriding the widths per layer.
-    options: ``TurboQuantKVCache`` keywords (key_mean, codebook, rotate_values).
+    options: ``TurboQuantKVCache`` keywords (key_mean, sinks, window, codebook, rotate_values).
+    preset: a name from ``presets.PRESETS`` ("best", "small"): its settings,
+        which explicit keywords then override.
     """
+    if preset is not None:  # the preset's widths, fp16 layers and layer bits; options add to its own
+        p = presets.resolve(preset)
+        k_bits, v_bits, fp16_layers, quantized_start = p.k_bits, p.v_bits, p.fp16_layers, p.quantized_start
+        layer_bits, options = p.layer_bits_map(), {**p.cache_options(), **options}
     if fp16_layers < 0:
         raise ValueError(f"fp16_layers must be >= 0, got {fp16_layers}")
     layer_bits = dict(layer_bits or {})

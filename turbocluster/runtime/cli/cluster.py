@@ -45,7 +45,9 @@ def _cache_args(p):
     p.add_argument("--k-bits", type=int, default=None, help="TurboQuant bits for keys")
     p.add_argument("--v-bits", type=int, default=None, help="TurboQuant bits for values")
     p.add_argument("--key-mean", action="store_true",
-                   help="subtract a per-channel key mean before encoding (best measured: --k-bits 5 --v-bits 3 --key-mean)")
+                   help="subtract a per-channel key mean before encoding")
+    p.add_argument("--kv-preset", default=None, metavar="NAME",
+                   help="a named TurboQuant setting (best: 4.25 bits, small: 3.25 bits; docs/cache.md); not with --kv-bits/--k-bits/--v-bits")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -154,8 +156,20 @@ def reachable(address: str, timeout: float = 3.0) -> None:
 
 
 def cache_of(args):
-    """The cache setting from --kv-bits / --k-bits / --v-bits / --key-mean, or None for fp16."""
+    """The cache setting from --kv-preset / --kv-bits / --k-bits / --v-bits / --key-mean, or None for fp16."""
     from ...kernels.format import SUPPORTED_BITS
+    from ..cache import presets
+
+    name = getattr(args, "kv_preset", None)
+    if name is not None:
+        try:
+            base = presets.resolve(name).to_dict()
+        except presets.PresetError as e:
+            raise UsageError(f"--kv-preset: {e}") from None
+        widths = {k: v for k, v in (("k_bits", args.k_bits or args.kv_bits), ("v_bits", args.v_bits or args.kv_bits)) if v}
+        if widths:
+            raise UsageError("--kv-preset sets the widths (per layer too); leave out --kv-bits/--k-bits/--v-bits")
+        return {**base, **({"key_mean": True} if args.key_mean else {})}
 
     k = args.k_bits if args.k_bits is not None else args.kv_bits
     v = args.v_bits if args.v_bits is not None else args.kv_bits

@@ -228,11 +228,12 @@ def _check_turbo(cls, state, where, version=turbo.STATE_VERSION):
         raise SessionFormatError(at("meta_state"), f"expected {len(turbo.SETTINGS)} strings {turbo.SETTINGS}, found {meta!r}")
     st = dict(zip(turbo.SETTINGS, meta))
     flags_ok = st["rotate_values"] in ("0", "1") and st["key_mean"] in ("0", "1")
-    if not flags_ok or not all(st[k].isdigit() and len(st[k]) < 8 for k in ("k_bits", "v_bits", "quantized_start")):
+    if not flags_ok or not all(st[k].isdigit() and len(st[k]) < 8 for k in ("k_bits", "v_bits", "quantized_start", "sinks", "window")):
         raise SessionFormatError(at("meta_state"), f"expected decimal bits and start and 0/1 flags, found {meta!r}")
     k_bits, v_bits = int(st["k_bits"]), int(st["v_bits"])
     try:  # the constructor is what knows the valid settings
-        cls(k_bits, v_bits, int(st["quantized_start"]), key_mean=st["key_mean"] == "1", codebook=st["codebook"], rotate_values=st["rotate_values"] == "1")
+        cls(k_bits, v_bits, int(st["quantized_start"]), key_mean=st["key_mean"] == "1", codebook=st["codebook"], rotate_values=st["rotate_values"] == "1",
+            sinks=int(st["sinks"]), window=int(st["window"]))
     except ValueError as e:
         raise SessionFormatError(at("meta_state"), str(e)) from e
     if not _is_int(offset) or offset < 0:
@@ -240,6 +241,9 @@ def _check_turbo(cls, state, where, version=turbo.STATE_VERSION):
     packed = [f[k] for k in turbo.PACKED_FIELDS]
     floats = [f[k] for k in turbo.FLOAT_FIELDS]
     arrays = packed + floats
+    ends = [f[k] for k in turbo.RECENT_FIELDS]  # the float16 sinks and window: packed phase only
+    if any(a is not None for a in ends) and not all(isinstance(a, mx.array) for a in packed):
+        raise SessionFormatError(at("sink_keys"), "float16 sinks or window need the packed arrays")
     if all(a is None for a in arrays):
         if offset != 0 or mean is not None:
             raise SessionFormatError(where, f"an empty cache needs offset 0 and no key mean, found offset {offset}")
@@ -261,6 +265,10 @@ def _check_turbo(cls, state, where, version=turbo.STATE_VERSION):
             not isinstance(mean, mx.array) or mean.dtype != mx.float16 or mean.shape != (*kp.shape[:2], 1, k_dim)
         ):
             raise SessionFormatError(at("key_mean"), f"expected a float16 key mean of shape {(*kp.shape[:2], 1, k_dim)}")
+        try:
+            turbo.recent.check_fields(f, int(st["sinks"]), int(st["window"]), kp.shape[:2], k_dim, tq.dim_from_words(vp.shape[3], v_bits))
+        except ValueError as e:
+            raise SessionFormatError(at("sink_keys"), str(e)) from e
         return
     if all(a is None for a in packed) and mean is None:
         _check_kv((*floats, offset), ("kv", "kv", "offset"), where)
@@ -423,6 +431,8 @@ def unpack_session(data, expect=None):
         if not isinstance(state, list):
             raise SessionFormatError(f"{where}.state", f"expected a list, found {type(state).__name__}")
         state = list(_decode(state, f"{where}.state"))
+        if kinds.kind_of_class(cls) == kinds.TURBO and version != turbo.STATE_VERSION:  # an older schema, in today's positions
+            state, meta_state, version = turbo.upgrade_state(state, version, meta_state)
         _check_cache(cls, state, meta_state, where, version)
         cache = _build(cls, state, tuple(meta_state), where)
         _check_offset(cache, meta["num_tokens"], where)

@@ -159,6 +159,7 @@ def append(caches, tail):
         else:
             f, add = c.state_fields(), d.state_fields()
             f.update({k: mx.concatenate([f[k], add[k]], axis=2) for k in c.PACKED_FIELDS}, offset=c.offset + n)
+            f.update({k: add[k] for k in c.RECENT_FIELDS})  # the float16 sinks and window as the source holds them now
             c.set_fields(f)
 
 
