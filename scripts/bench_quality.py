@@ -288,22 +288,10 @@ def attribution(model, tokens, k_bits, v_bits):
     (exact values), decoded values (exact keys), and decoded mean-subtracted
     keys, against the exact output.
     """
-    from mlx_lm.models import base
-
     from turbocluster.kernels import turboquant as tq
-    from turbocluster.runtime.cache import attention
+    from turbocluster.runtime.cache import allocate
 
-    records, original = [], attention._original_sdpa
-
-    def record(queries, keys, values, cache, scale, mask, sinks=None):
-        records.append((queries, keys, values, scale))
-        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-
-    attention._original_sdpa = record
-    try:
-        mx.eval(model(tokens[None], cache=mlx_cache.make_prompt_cache(model)))
-    finally:
-        attention._original_sdpa = original
+    records = allocate.record(model, tokens)
 
     def sdpa(q, k, v, scale):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")

@@ -1,16 +1,20 @@
 """Aggregate tokens/s and time to first token of N concurrent streams through `turbo-cluster serve`'s scheduler.
 
-    python scripts/bench_serving.py [--streams 1,2,4,8] [--max-tokens 32] [--nodes 2] [--json]
+    python scripts/bench_serving.py [--streams 1,2,4,8] [--max-tokens 32] [--nodes 2] [--no-unbatched] [--json]
 
 Each stream is one request (greedy, a distinct short chat prompt) driven by the
 server's Scheduler over ``--nodes`` local node processes (the HTTP layer is left
-out: it adds a constant per request). Beside it, one mlx-lm process serves the
-same load with ``mlx_lm.batch_generate`` (its batch generator: all N prompts in
-one batch), on the same model in the same process as this script.
+out: it adds a constant per request). The cluster runs twice: with the nodes
+batching concurrent decode steps (the default) and with batching off
+(``TURBOCLUSTER_MAX_BATCH=1``, each session's step its own forward). Beside
+it, one mlx-lm process serves the same load with ``mlx_lm.batch_generate``
+(its batch generator: all N prompts in one batch), on the same model in the
+same process as this script.
 """
 
 import argparse
 import json
+import os
 import threading
 import time
 
@@ -87,18 +91,31 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--no-baseline", action="store_true", help="skip the single-process mlx-lm run")
+    ap.add_argument("--no-unbatched", action="store_true", help="skip the run with the nodes' batching off")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     cluster = bench_cluster(streams, args.max_tokens, args.nodes)
+    unbatched = []
+    if not args.no_unbatched:
+        os.environ["TURBOCLUSTER_MAX_BATCH"] = "1"  # the local nodes inherit it
+        try:
+            unbatched = bench_cluster(streams, args.max_tokens, args.nodes)
+        finally:
+            del os.environ["TURBOCLUSTER_MAX_BATCH"]
     base = [] if args.no_baseline else bench_mlx(streams, args.max_tokens)
     if args.json:
-        print(json.dumps({"cluster": cluster, "mlx_lm_batch": base}, indent=1))
+        print(json.dumps({"cluster": cluster, "cluster_unbatched": unbatched, "mlx_lm_batch": base}, indent=1))
         return
-    print(f"{'streams':>7}  {'cluster tok/s':>13}  {'ttft s':>7}  {'mlx-lm batch tok/s':>18}")
+    nan = float("nan")
+    print(f"{'streams':>7}  {'cluster tok/s':>13}  {'ttft s':>7}  {'unbatched tok/s':>15}  {'ttft s':>7}  {'mlx-lm batch tok/s':>18}")
     for i, r in enumerate(cluster):
-        b = base[i]["tokens_per_s"] if base else float("nan")
-        print(f"{r['streams']:>7}  {r['tokens_per_s']:>13.2f}  {r['ttft_s']:>7.3f}  {b:>18.2f}")
+        u = unbatched[i] if unbatched else {"tokens_per_s": nan, "ttft_s": nan}
+        b = base[i]["tokens_per_s"] if base else nan
+        print(f"{r['streams']:>7}  {r['tokens_per_s']:>13.2f}  {r['ttft_s']:>7.3f}  {u['tokens_per_s']:>15.2f}  {u['ttft_s']:>7.3f}  {b:>18.2f}")
+    for name, rows in (("batched", cluster), ("unbatched", unbatched)):
+        if rows and rows[0]["streams"] == 1:
+            print(f"{name}: aggregate over one stream: " + ", ".join(f"{r['streams']}: {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x" for r in rows))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from ...kernels import fused as fused_gpu
 from ...kernels import native as native_cpu
 from ...kernels import turboquant as tq
 from ...kernels.packed import PackedKV  # noqa: F401  (re-exported: the kernels layer owns it)
+from . import batched
 from .recent import SplitKV
 
 CHUNK_TOKENS = 4096  # most keys read per chunk
@@ -239,7 +240,11 @@ _original_sdpa = None
 
 
 def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-    """mlx-lm's ``base.scaled_dot_product_attention`` that also reads ``PackedKV``."""
+    """mlx-lm's ``base.scaled_dot_product_attention`` that also reads ``PackedKV`` and batched sessions."""
+    if isinstance(keys, batched.BatchedKV):
+        if sinks is not None:
+            raise ValueError("a batched decode step does not support attention sinks")
+        return batched.attention(scaled_dot_product_attention, queries, keys, values, scale, mask)
     if isinstance(keys, SplitKV):
         if sinks is not None:
             raise ValueError("TurboQuant attention does not support attention sinks")

@@ -22,6 +22,7 @@ TURBO = "TurboQuantKVCache"
 _KINDS = {KVCache: KV, RotatingKVCache: ROTATING, QuantizedKVCache: QUANTIZED, ChunkedKVCache: CHUNKED, TurboQuantKVCache: TURBO}
 _CLASSES = {kind: cls for cls, kind in _KINDS.items()}
 KINDS = tuple(_CLASSES)  # every kind code, mlx-lm's first
+BATCHED = (KV, TURBO)  # full-attention kinds whose decode steps a node may batch (cache/batched.py)
 
 
 def register(cls: type, kind: str) -> None:
@@ -48,3 +49,8 @@ def class_of(kind) -> Optional[type]:
 
 def is_turbo(cache) -> bool:
     return kind_of(cache) == TURBO
+
+
+def batchable(caches) -> bool:
+    """Whether a session's caches can share a batched decode step: every one of a ``BATCHED`` kind."""
+    return bool(caches) and all(_KINDS.get(type(c)) in BATCHED for c in caches)

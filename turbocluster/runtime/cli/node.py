@@ -85,7 +85,7 @@ def secret(args) -> Optional[str]:
         raise UsageError(f"{e}; make one with: python -c 'import secrets; print(secrets.token_hex(32))'") from None
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
     """Refuse a port another process listens on (gRPC would share it silently with SO_REUSEPORT)."""
     if port == 0:
         return
@@ -96,8 +96,8 @@ def check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise UsageError(f"port {port} on {host} is already in use (another turbo-node?); pick another with --port") from None
-            raise UsageError(f"cannot bind {host}:{port}: {e.strerror}; check --host and --port") from None
+                raise UsageError(f"port {port} on {host} is already in use (another turbo-node?); pick another with {flag}") from None
+            raise UsageError(f"cannot bind {host}:{port}: {e.strerror}; check --host and {flag}") from None
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -171,7 +171,7 @@ def serve(args) -> int:
     key, transport = secret(args), tls(args, server=True)
     check_port_free(args.host, args.port)
     if args.metrics_port is not None:
-        check_port_free("127.0.0.1", args.metrics_port)
+        check_port_free("127.0.0.1", args.metrics_port, "--metrics-port")
     from ..node.server import serve as run
 
     run(args.host, args.port, args.model, args.layers, args.memory_budget, args.name, not args.no_advertise, key,

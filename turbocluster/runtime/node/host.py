@@ -19,6 +19,8 @@ from ..cache.config import kv_bytes
 from ..model import shard
 from ..transport import wire
 from ..transport.errors import REASON_TOO_LARGE
+from . import steps
+from .batcher import ModelThread
 from .gate import Refused
 
 logger = logging.getLogger(__name__)
@@ -56,11 +58,24 @@ class ModelHost:
         self.weights_bytes = 0
         self.load_state, self.load_fraction, self.load_message = pb.EMPTY, 0.0, "no layers loaded"
         self.lock = threading.Lock()
-        self._mx = futures.ThreadPoolExecutor(1, thread_name_prefix="mlx")
+        self.batchable = False  # the loaded layers are all full attention: decode steps may be batched
+        self.on_batch = None  # called with each batch's size (the node's metrics)
+        self._mx = ModelThread(steps.run_batch, on_batch=self._count_batch)
 
     def run(self, fn, *args):
         """``fn(*args)`` on the model thread; returns its result."""
         return self._mx.submit(fn, *args).result()
+
+    def run_step(self, job: "steps.StepJob"):
+        """A step on the model thread, batched with other sessions' decode steps waiting there when it can be."""
+        key = steps.batch_key(job)
+        if key is None:
+            return self.run(steps.run_batch, [job])[0]
+        return self._mx.submit_step(key, job, job.session).result()
+
+    def _count_batch(self, size: int) -> None:
+        if self.on_batch is not None:
+            self.on_batch(size)
 
     def progress(self, state, fraction: float, message: str) -> None:
         with self.lock:
@@ -103,8 +118,9 @@ class ModelHost:
             model, _ = loader.load(model_arg, layers=(start, end), tokenizer=False, progress=read)
             mx.eval(model.parameters())
             weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+            batchable = all(w is None for w in shard.sliding_windows(model))
             with self.lock:
-                self.model, self.desc, self.weights_bytes = model, desc, weights
+                self.model, self.desc, self.weights_bytes, self.batchable = model, desc, weights, batchable
                 self.compat = wire.compat_hash(desc["identity"])
                 self.sessions.budget_bytes = self.memory_budget - weights
             self.progress(pb.READY, 1.0, f"layers {start}:{end} of {desc['name']} ready")
@@ -136,4 +152,4 @@ class ModelHost:
         return total
 
     def close(self) -> None:
-        self._mx.shutdown(wait=False)
+        self._mx.shutdown()

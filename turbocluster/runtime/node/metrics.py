@@ -31,6 +31,8 @@ class NodeMetrics:
         self.steps = Counter("turbo_node_steps", "Forward steps applied here", n, registry=r)
         self.compute_seconds = Histogram("turbo_node_step_compute_seconds", "a step's time on this node, before forwarding",
                                          n, buckets=_SECONDS, registry=r)
+        self.batch_sizes = Histogram("turbo_node_step_batch_size", "decode steps (of distinct sessions) run in one forward",
+                                     n, buckets=(1, 2, 4, 8, 16), registry=r)
         self.sessions = Gauge("turbo_node_sessions", "live sessions", n, registry=r)
         self.kv_reserved = Gauge("turbo_node_kv_bytes_reserved", "KV bytes reserved by live sessions", n, registry=r)
         self.kv_used = Gauge("turbo_node_kv_bytes_used", "KV bytes held by live sessions", n, registry=r)
@@ -52,6 +54,9 @@ class NodeMetrics:
         self._recent.append((now, positions))
         while self._recent and now - self._recent[0][0] > 60:
             self._recent.pop(0)
+
+    def batch(self, size: int) -> None:
+        self.batch_sizes.labels(self.name).observe(size)
 
     def recent_positions_per_s(self) -> float:
         now = time.monotonic()

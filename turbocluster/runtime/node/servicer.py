@@ -55,6 +55,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.sessions = SessionStore(budget)
         self.host = ModelHost(self.name, budget, self.sessions)
         self.metrics = NodeMetrics(self.name)
+        self.host.on_batch = self.metrics.batch
         self.tokens = {}  # handshake token -> compat hash it is bound to
         self._lock = self.host.lock  # guards the tokens and the host's fields against gRPC threads
         self._next = {}  # (next-node address, model identity) -> NodeClient

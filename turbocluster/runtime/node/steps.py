@@ -17,6 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from ...proto import turbo_pb2 as pb
+from ..cache import kinds
+from ..cache.batched import BatchedCache
 from ..model import sampling, shard
 from ..sessions.store import SessionError
 from ..transport import errors, wire
@@ -141,26 +143,64 @@ def check_position(session, request) -> None:
 # -- the step -----------------------------------------------------------------------------
 
 
-def run(model, session, build, want, onward: bool, ids):
-    """Model thread: run the shard on the input and produce what the step asks for.
+@dataclass
+class StepJob:
+    """One session's step as the model thread runs it: the shard, the session, its input and what it wants back."""
+
+    model: object
+    session: object
+    build: object  # () -> mx.array, called on the model thread
+    want: int
+    onward: bool
+    positions: int
+    input_key: tuple  # ("tokens",) or ("hidden", dtype): steps with equal keys stack into one input
+    batchable: bool  # the node's layers allow batching (full attention only)
+
+
+def batch_key(job: StepJob):
+    """What a decode step shares with those it may be batched with, or None when it runs alone."""
+    if job.positions != 1 or not job.batchable or not kinds.batchable(job.session.caches):
+        return None
+    return (id(job.model), job.input_key)
+
+
+def run_batch(jobs: list) -> list:
+    """Model thread: run the shard on the jobs' inputs (one forward for all) and produce what each asks for.
 
     Tensors come back as ``(proto header, raw bytes)``, serialised here on the model thread.
+    Several jobs are decode steps of distinct sessions (``batch_key``): their rows
+    share the layers' matmuls while each attends over its own cache (``cache/batched.py``).
     """
-    caches = session.caches
-    x = build()
+    model = jobs[0].model
+    if len(jobs) == 1:
+        caches = jobs[0].session.caches
+        x = jobs[0].build()
+    else:
+        caches = [BatchedCache([j.session.caches[i] for j in jobs]) for i in range(len(jobs[0].session.caches))]
+        x = mx.concatenate([j.build() for j in jobs], axis=0)
     h = shard.embed(model, x) if shard.is_first(model) else x
     h = shard.run_layers(model, h, caches, overlap=True)
-    if onward or want == pb.HIDDEN:
-        mx.eval(h, [c.state for c in caches])
-        return wire.to_proto(h, with_data=False)
-    if want == pb.NONE:
-        mx.eval([c.state for c in caches])
-        return None
-    logits = shard.head(model, h)[:, -1, :]
-    if want == pb.LOGITS:
-        return wire.to_proto(logits[0], with_data=False)
-    token, session.rng_state = sampling.sample(logits, session.sampling, session.rng_state, session.history)
-    return token
+    heads = [i for i, j in enumerate(jobs) if not (j.onward or j.want == pb.HIDDEN) and j.want != pb.NONE]
+    logits = None
+    if heads:
+        rows = h if len(heads) == len(jobs) else h[mx.array(heads)]
+        logits = shard.head(model, rows)[:, -1, :]
+    mx.eval(h, logits if logits is not None else [], [c.state for j in jobs for c in j.session.caches])
+    out = []
+    for i, j in enumerate(jobs):
+        if j.onward or j.want == pb.HIDDEN:
+            out.append(wire.to_proto(h[i : i + 1], with_data=False))
+        elif j.want == pb.NONE:
+            out.append(None)
+        else:
+            row = logits[heads.index(i)][None]
+            if j.want == pb.LOGITS:
+                out.append(wire.to_proto(row[0], with_data=False))
+            else:
+                session = j.session
+                token, session.rng_state = sampling.sample(row, session.sampling, session.rng_state, session.history)
+                out.append(token)
+    return out
 
 
 def remember(session, ids) -> None:
@@ -202,7 +242,9 @@ def execute(node, request, data, context) -> pb.ForwardReply:
         before = session.offset
         remember(session, ids)
         session.last_step = None
-        out = node.host.run(run, model, session, build, want, onward, ids)
+        key = ("tokens",) if request.WhichOneof("input") == "tokens" else ("hidden", int(request.hidden.dtype))
+        job = StepJob(model, session, build, want, onward, positions, key, node.host.batchable)
+        out = node.host.run_step(job)
         record = StepRecord(request.step_id, before, session.offset) if request.step_id else None
         t1 = time.perf_counter()
         node.metrics.step(positions, t1 - t0)
