@@ -33,7 +33,7 @@ def bench_cluster(streams, max_tokens, nodes):
         engine = Engine(cluster, context=1024, max_kept=0)
         sched = Scheduler(engine, workers=max(streams), queue_limit=64)
         try:
-            for n in streams:
+            for rnd, n in enumerate([1, *streams]):  # round 0 is not counted: it warms the nodes (MLX builds kernels on first use)
                 done, first = [], []
                 lock = threading.Lock()
                 events = []
@@ -58,6 +58,8 @@ def bench_cluster(streams, max_tokens, nodes):
                     ev.wait()
                 dt = time.perf_counter() - t0
                 tokens = sum(d["completion_tokens"] for d in done)
+                if rnd == 0:
+                    continue
                 rows.append({"streams": n, "tokens": tokens, "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 2),
                              "ttft_s": round(sum(x for x in first if x) / max(len(first), 1), 3),
                              "errors": [d["error"] for d in done if "error" in d]})
@@ -74,13 +76,15 @@ def bench_mlx(streams, max_tokens):
 
     model, tok = loader.load(None)
     rows = []
-    for n in streams:
+    for rnd, n in enumerate([1, *streams]):  # round 0 warms up, uncounted
         prompts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True)
                    for i in range(n)]
         t0 = time.perf_counter()
         out = batch_generate(model, tok, prompts, max_tokens=max_tokens, return_token_ids=True)
         dt = time.perf_counter() - t0
         tokens = sum(len(t) for t in out.token_ids) if getattr(out, "token_ids", None) else n * max_tokens
+        if rnd == 0:
+            continue
         rows.append({"streams": n, "tokens": tokens, "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 2)})
     return rows
 
