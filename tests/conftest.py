@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight models on disk, and node processes on loopback."""
 
+import contextlib
 import glob
 import importlib
 import os
@@ -80,3 +81,29 @@ def local_nodes():
         yield nodes
     finally:
         stop_local_nodes(nodes)
+
+
+def rss(pid="self", field="VmRSS"):
+    """Resident bytes of process ``pid`` now (``field="VmHWM"``: its peak so far); skips where /proc lacks it."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) << 10
+    pytest.skip(f"no {field} in /proc (not Linux)")
+
+
+@contextlib.contextmanager
+def tiny_node(path, memory_budget=None, secret=None):
+    """One empty node process on loopback for the tiny model at ``path``: ``(local node, client, description)``."""
+    from turbocluster.runtime.cluster.cluster import start_local_nodes, stop_local_nodes
+    from turbocluster.runtime.model import loader
+    from turbocluster.runtime.transport.client import NodeClient
+
+    desc = loader.describe(path)
+    [local] = start_local_nodes(1, memory_budget=memory_budget, secret=secret)
+    client = NodeClient(local.address, desc["identity"], will_load=True, secret=secret)
+    try:
+        yield local, client, desc
+    finally:
+        client.close()
+        stop_local_nodes([local])

@@ -7,37 +7,22 @@ weights on CPU, 100 MiB of them the tied embedding held by the first and last st
 
 import grpc
 import pytest
+from conftest import rss, tiny_node
 
 from turbocluster.proto import turbo_pb2 as pb
-from turbocluster.runtime.cluster.cluster import start_local_nodes, stop_local_nodes
 from turbocluster.runtime.cluster.plan import NodeSpec, PlanError, make_plan
 from turbocluster.runtime.model import loader
-from turbocluster.runtime.transport.client import NodeClient
 from turbocluster.runtime.transport.errors import REASON_TOO_LARGE, reason_of
 
 BUDGET = 100 << 20
 READ_MARGIN = 32 << 20  # what a refused load may add to the node's peak RSS (reading the weights adds >= 70 MiB)
 
 
-def _rss(pid, field="VmRSS"):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) << 10
-    pytest.skip(f"no {field} in /proc (not Linux)")
-
-
 @pytest.fixture(scope="module")
 def node(tiny_model_dirs):
     path = tiny_model_dirs["qwen3"]
-    desc = loader.describe(path)
-    [local] = start_local_nodes(1, memory_budget=BUDGET)
-    client = NodeClient(local.address, desc["identity"], will_load=True)
-    try:
+    with tiny_node(path, memory_budget=BUDGET) as (local, client, desc):
         yield local, client, path, desc
-    finally:
-        client.close()
-        stop_local_nodes([local])
 
 
 def _refused(fn):
@@ -63,12 +48,12 @@ def test_layers_heavier_than_the_budget_are_refused_before_reading_and_a_smaller
     local, client, path, desc = node
     need = loader.weights_bytes(desc, 0, desc["num_layers"])
     assert need > BUDGET, "the whole tiny model must pass this node's budget"
-    empty = _rss(local.proc.pid)
+    empty = rss(local.proc.pid)
     err = _refused(lambda: client.load(path, 0, desc["num_layers"]))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
     assert reason_of(err) == REASON_TOO_LARGE
     assert str(need) in err.details() and str(BUDGET) in err.details()
-    assert _rss(local.proc.pid, "VmHWM") - empty < READ_MARGIN, "the node read the weights of a load it refused"
+    assert rss(local.proc.pid, "VmHWM") - empty < READ_MARGIN, "the node read the weights of a load it refused"
     info = client.info()
     assert info.load_state == pb.EMPTY and info.weights_bytes == 0
     # the plan refuses the same node for the same layers
@@ -109,16 +94,10 @@ def test_loading_peaks_near_the_weights_it_keeps(tiny_model_dirs):
     peaks within a fixed margin of the weights: tensors are converted one at a time (not every one
     in both dtypes at once) and no tokenizer is loaded on a node."""
     path = tiny_model_dirs["qwen3"]
-    desc = loader.describe(path)
-    [local] = start_local_nodes(1, memory_budget=160 << 20)
-    client = NodeClient(local.address, desc["identity"], will_load=True)
-    try:
-        empty = _rss(local.proc.pid)
+    with tiny_node(path, memory_budget=160 << 20) as (local, client, desc):
+        empty = rss(local.proc.pid)
         info = client.load(path, 0, desc["num_layers"])
-        peak = _rss(local.proc.pid, "VmHWM") - empty
+        peak = rss(local.proc.pid, "VmHWM") - empty
         print(f"weights {info.weights_bytes >> 20} MiB, load peak {peak >> 20} MiB over the empty node")
         assert info.weights_bytes == loader.weights_bytes(desc, 0, desc["num_layers"])
         assert peak <= info.weights_bytes + LOAD_MARGIN
-    finally:
-        client.close()
-        stop_local_nodes([local])

@@ -13,15 +13,13 @@ import os
 import grpc
 import mlx.core as mx
 import pytest
+from conftest import rss, tiny_node
 
 from turbocluster.kernels.format import FORMAT_VERSION
 from turbocluster.proto import turbo_pb2 as pb
-from turbocluster.runtime.cluster.cluster import start_local_nodes, stop_local_nodes
-from turbocluster.runtime.model import loader
 from turbocluster.runtime.sessions import calls
 from turbocluster.runtime.sessions import container as session_io
 from turbocluster.runtime.transport import wire
-from turbocluster.runtime.transport.client import NodeClient
 from turbocluster.runtime.transport.errors import REASON_TOO_LARGE, reason_of
 
 BUDGET = 160 << 20  # weights of the tiny qwen3 (~60 MiB) plus ~100 MiB of KV
@@ -33,33 +31,18 @@ MODULE_MARGIN = 64 << 20
 STEP = 256  # positions per prefill step (a step's activations are not counted against the budget)
 
 
-def _rss(pid, field="VmRSS"):
-    """Resident bytes of ``pid`` now (``VmHWM``: the peak so far)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) << 10
-    pytest.skip(f"no {field} in /proc (not Linux)")
-
-
 @pytest.fixture(scope="module")
 def node(tiny_model_dirs):
     path = tiny_model_dirs["qwen3"]
-    desc = loader.describe(path)
-    [local] = start_local_nodes(1, memory_budget=BUDGET)
-    client = NodeClient(local.address, desc["identity"], will_load=True)
-    try:
-        empty = _rss(local.proc.pid)  # the process before any weights or KV
+    with tiny_node(path, memory_budget=BUDGET) as (local, client, desc):
+        empty = rss(local.proc.pid)  # the process before any weights or KV
         client.load(path, 0, desc["num_layers"])
-        loaded = _rss(local.proc.pid, "VmHWM")  # loading's own peak: file dtype and float32 copies at once
+        loaded = rss(local.proc.pid, "VmHWM")  # loading's own peak: file dtype and float32 copies at once
         yield local, client, desc
-        peak = _rss(local.proc.pid, "VmHWM")
+        peak = rss(local.proc.pid, "VmHWM")
         print(f"node RSS: empty {empty >> 20} MiB, peak after load {loaded >> 20} MiB, peak after the module {peak >> 20} MiB")
         # every import and stream above, refused or not, kept the node within its budget + a fixed margin
         assert peak - empty <= max(loaded - empty, BUDGET) + MODULE_MARGIN, f"node peak RSS {(peak - empty) >> 20} MiB over its empty process"
-    finally:
-        client.close()
-        stop_local_nodes([local])
 
 
 def _header(desc, total_bytes, session_id="big"):
@@ -93,24 +76,24 @@ def _still_serves(client, desc):
 
 def test_declared_oversize_is_refused_before_the_body(node):
     local, client, desc = node
-    before, sent = _rss(local.proc.pid), []
+    before, sent = rss(local.proc.pid), []
     err = _refused(lambda: calls.send(client, _header(desc, 1 << 30), None, pieces=_junk_chunks(1024, sent)))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
     assert reason_of(err) == REASON_TOO_LARGE
     assert len(sent) < 64, f"the node read {len(sent)} MiB of a body it had refused by its header"
-    assert _rss(local.proc.pid) - before < MARGIN
+    assert rss(local.proc.pid) - before < MARGIN
     assert _still_serves(client, desc) is not None
 
 
 def test_a_body_longer_than_declared_is_refused_mid_stream(node):
     local, client, desc = node
-    before, sent = _rss(local.proc.pid), []
+    before, sent = rss(local.proc.pid), []
     # 2 MiB declared (fits the budget), 256 MiB sent: the node must stop counting at 2 MiB
     err = _refused(lambda: calls.send(client, _header(desc, 2 << 20, "liar"), None, pieces=_junk_chunks(256, sent)))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
     assert reason_of(err) == REASON_TOO_LARGE
     assert len(sent) < 128, f"the client sent {len(sent)} MiB before the node refused"
-    assert _rss(local.proc.pid) - before < MARGIN
+    assert rss(local.proc.pid) - before < MARGIN
     assert _still_serves(client, desc) is not None
     assert {s.session_id for s in client.sessions()} & {"liar", "big"} == set()
 
@@ -137,7 +120,7 @@ def test_a_hidden_state_stream_is_bounded_before_it_is_buffered(node, case):
     if case != "no-such-session":
         client.create_session(sid, 16)
     declared = {"no-such-session": 2 << 20, "declared-oversize": 1 << 30, "lying-body": 2 << 20}[case]
-    before, sent = _rss(local.proc.pid), []
+    before, sent = rss(local.proc.pid), []
     err = _refused(lambda: _stream(client, sid, declared, 512, sent))
     if case == "no-such-session":
         assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
@@ -145,7 +128,7 @@ def test_a_hidden_state_stream_is_bounded_before_it_is_buffered(node, case):
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
         assert reason_of(err) == REASON_TOO_LARGE
     assert len(sent) < 64, f"the client sent {len(sent)} MiB of a 512 MiB stream before the node refused it"
-    assert _rss(local.proc.pid) - before < MARGIN
+    assert rss(local.proc.pid) - before < MARGIN
     if case != "no-such-session":
         client.drop(sid)
     assert _still_serves(client, desc) is not None

@@ -11,24 +11,14 @@ Python's allocator, where tracemalloc does not see them.
 
 import mlx.core as mx
 import pytest
+from conftest import rss, tiny_node
 
 from turbocluster.proto import turbo_pb2 as pb
-from turbocluster.runtime.cluster.cluster import start_local_nodes, stop_local_nodes
-from turbocluster.runtime.model import loader
 from turbocluster.runtime.sessions import calls
-from turbocluster.runtime.transport.client import NodeClient
 
 SECRET = "c0ffee" * 4 + "0123456789abcdef" * 2
 POSITIONS = 6400  # ~64 MiB of float32 KV for the 5 layers of the tiny qwen3
 MAX_EXTRA = 0.3  # the send may add this much of the container's size to the sender's peak
-
-
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) << 10
-    pytest.skip(f"no {field} in /proc (not Linux)")
 
 
 def _reset_peak():
@@ -43,15 +33,9 @@ def _reset_peak():
 @pytest.fixture(scope="module")
 def node(tiny_model_dirs):
     path = tiny_model_dirs["qwen3"]
-    desc = loader.describe(path)
-    [local] = start_local_nodes(1, secret=SECRET)
-    client = NodeClient(local.address, desc["identity"], will_load=True, secret=SECRET)
-    try:
+    with tiny_node(path, secret=SECRET) as (_, client, desc):
         client.load(path, 0, desc["num_layers"])
         yield client, desc["identity"]
-    finally:
-        client.close()
-        stop_local_nodes([local])
 
 
 def _container(identity, positions):
@@ -78,9 +62,9 @@ def test_an_authenticated_import_holds_the_container_and_one_chunk_not_every_chu
     assert len(data) > 48 << 20
     header = calls.header_for({"model": identity, "layers": (0, 5), "num_tokens": POSITIONS}, len(data), "copy")
     _reset_peak()
-    before = _status("VmRSS")
+    before = rss("self", "VmRSS")
     info = calls.send(client, header, data)
-    extra = _status("VmHWM") - before
+    extra = rss("self", "VmHWM") - before
     print(f"container {len(data) >> 20} MiB; sending it added {extra / (1 << 20):.1f} MiB to the sender's peak RSS")
     assert info.offset == POSITIONS  # the node checked the lazily made stream against its credential
     assert extra < MAX_EXTRA * len(data), f"sending a {len(data) >> 20} MiB container held {extra >> 20} MiB more"
