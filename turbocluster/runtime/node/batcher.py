@@ -63,10 +63,13 @@ class ModelThread:
         """Queue a decode step; steps of distinct sessions with equal ``key`` may run in one batch."""
         return self._put(_Item(key=key, step=step, session=session))
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking work; queued work fails; the call in progress finishes (waited for up to ``timeout`` s)."""
         with self._ready:
             self._closed = True
             self._ready.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     def _put(self, item: _Item) -> futures.Future:
         with self._ready:
