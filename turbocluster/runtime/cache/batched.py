@@ -49,10 +49,6 @@ class BatchedCache:
         return (BatchedKV(tuple(k for k, _ in fetched), self.caches),
                 BatchedKV(tuple(v for _, v in fetched), self.caches))
 
-    @property
-    def state(self):
-        return [c.state for c in self.caches]
-
 
 def attention(sdpa, queries: mx.array, keys: BatchedKV, values: BatchedKV, scale, mask):
     """Each session's attention on its own cache (``sdpa`` is the hook), rows stacked back into the batch."""

@@ -52,7 +52,7 @@ def file_digest(path: str | os.PathLike) -> str:
     key = (str(real), st.st_size, st.st_mtime_ns)
     if key in _memory:
         return _memory[key]
-    digest = _hub_blob_digest(real) or _read_cached(path, st) or _hash(real, path, st)
+    digest = _hub_blob_digest(real) or _read_cached(path, real, st) or _hash(real, path, st)
     _memory[key] = digest
     return digest
 
@@ -64,16 +64,16 @@ def _hub_blob_digest(real: Path) -> str | None:
     return None
 
 
-def _cache_files(path: Path) -> list[Path]:
-    """Where a digest of ``path`` may be cached: beside it, then in the user's cache folder."""
+def _cache_files(path: Path, real: Path) -> list[Path]:
+    """Where a digest of ``path`` (resolving to ``real``) may be cached: beside it, then in the user's cache folder."""
     beside = path.parent / f".{path.name}{SUFFIX}"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "turbo-cluster" / "digests"
-    keyed = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    keyed = hashlib.sha256(str(real).encode()).hexdigest()[:32]
     return [beside, base / f"{keyed}{SUFFIX}"]
 
 
-def _read_cached(path: Path, st: os.stat_result) -> str | None:
-    for file in _cache_files(path):
+def _read_cached(path: Path, real: Path, st: os.stat_result) -> str | None:
+    for file in _cache_files(path, real):
         try:
             entry = json.loads(file.read_text())
         except (OSError, ValueError):
@@ -92,7 +92,7 @@ def _hash(real: Path, path: Path, st: os.stat_result) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     entry = json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest})
-    for file in _cache_files(path):
+    for file in _cache_files(path, real):
         if _write_atomic(file, entry):
             break
     return digest

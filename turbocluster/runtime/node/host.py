@@ -48,7 +48,7 @@ class ModelHost:
     ``sessions`` is the node's SessionStore: its KV budget is what the weights leave.
     """
 
-    def __init__(self, name: str, memory_budget: int, sessions):
+    def __init__(self, name: str, memory_budget: int, sessions, on_batch=None):
         self.name = name
         self.memory_budget = int(memory_budget)
         self.sessions = sessions
@@ -59,8 +59,7 @@ class ModelHost:
         self.load_state, self.load_fraction, self.load_message = pb.EMPTY, 0.0, "no layers loaded"
         self.lock = threading.Lock()
         self.batchable = False  # the loaded layers are all full attention: decode steps may be batched
-        self.on_batch = None  # called with each batch's size (the node's metrics)
-        self._mx = ModelThread(steps.run_batch, on_batch=self._count_batch)
+        self._mx = ModelThread(steps.run_batch, on_batch=on_batch)  # on_batch(size): the node's metrics
 
     def run(self, fn, *args):
         """``fn(*args)`` on the model thread; returns its result."""
@@ -72,10 +71,6 @@ class ModelHost:
         if key is None:
             return self.run(steps.run_batch, [job])[0]
         return self._mx.submit_step(key, job, job.session).result()
-
-    def _count_batch(self, size: int) -> None:
-        if self.on_batch is not None:
-            self.on_batch(size)
 
     def progress(self, state, fraction: float, message: str) -> None:
         with self.lock:

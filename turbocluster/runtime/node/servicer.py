@@ -53,9 +53,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.name = name or socket.gethostname().split(".")[0]
         budget = int(memory_budget or default_memory_budget())
         self.sessions = SessionStore(budget)
-        self.host = ModelHost(self.name, budget, self.sessions)
         self.metrics = NodeMetrics(self.name)
-        self.host.on_batch = self.metrics.batch
+        self.host = ModelHost(self.name, budget, self.sessions, on_batch=self.metrics.batch)
         self.tokens = {}  # handshake token -> compat hash it is bound to
         self._lock = self.host.lock  # guards the tokens and the host's fields against gRPC threads
         self._next = {}  # (next-node address, model identity) -> NodeClient

@@ -180,20 +180,22 @@ def run_batch(jobs: list) -> list:
         x = mx.concatenate([j.build() for j in jobs], axis=0)
     h = shard.embed(model, x) if shard.is_first(model) else x
     h = shard.run_layers(model, h, caches, overlap=True)
-    heads = [i for i, j in enumerate(jobs) if not (j.onward or j.want == pb.HIDDEN) and j.want != pb.NONE]
+    hidden_out = [j.onward or j.want == pb.HIDDEN for j in jobs]
+    heads = [i for i, j in enumerate(jobs) if not hidden_out[i] and j.want != pb.NONE]  # rows that need the head
     logits = None
     if heads:
         rows = h if len(heads) == len(jobs) else h[mx.array(heads)]
         logits = shard.head(model, rows)[:, -1, :]
     mx.eval(h, logits if logits is not None else [], [c.state for j in jobs for c in j.session.caches])
+    head_row = {i: r for r, i in enumerate(heads)}
     out = []
     for i, j in enumerate(jobs):
-        if j.onward or j.want == pb.HIDDEN:
+        if hidden_out[i]:
             out.append(wire.to_proto(h[i : i + 1], with_data=False))
         elif j.want == pb.NONE:
             out.append(None)
         else:
-            row = logits[heads.index(i)][None]
+            row = logits[head_row[i]][None]
             if j.want == pb.LOGITS:
                 out.append(wire.to_proto(row[0], with_data=False))
             else:
