@@ -7,12 +7,15 @@
 Runs wherever MLX has a GPU (CUDA or Metal). For every context the caches are
 filled with random keys and values of the model's shapes (decode speed does
 not depend on their values), then ``--tokens`` decode steps are timed. Each
-TurboQuant cache runs twice: through the fused kernels (``kernels/fused.py``)
-and through the plain-``mx`` reference (``TURBOCLUSTER_FUSED=0``). Reported per
+TurboQuant cache runs three ways (``--paths``): all fused (``kernels/fused.py``:
+one encode launch and two attention launches a layer), fused attention with
+the mx-ops encode (``TURBOCLUSTER_FUSED_ENCODE=0``), and the plain-``mx``
+reference (``TURBOCLUSTER_FUSED=0``). Reported per
 row: tokens/s, the ratio to fp16 at the same context, host ms per step (time to
 build the step's graph, before evaluation), KV bytes and peak memory.
 
-``attention`` rows time one layer's attention (32 query / 8 kv heads x 128)
+``encode`` rows time one layer's new keys and values encoded by the fused
+kernel against the mx-ops encode. ``attention`` rows time one layer's attention (32 query / 8 kv heads x 128)
 alone: fp16 ``mx.fast.scaled_dot_product_attention`` against the fused decode
 kernel, with GB/s on the bytes each reads. ``prefill`` rows time a prompt of
 ``--prefill`` tokens in chunks of 2048 (mlx-lm's prefill step) into an empty cache.
@@ -30,6 +33,7 @@ from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models import llama
 
 from turbocluster.kernels import fused
+from turbocluster.runtime.cache import factory
 from turbocluster.runtime.cache.attention import PackedKV
 from turbocluster.runtime.cache.turbo_cache import make_turbo_cache
 
@@ -69,8 +73,12 @@ def kv_nbytes(cache):
     return sum(c.nbytes for c in cache)
 
 
-def set_fused(on):
-    os.environ["TURBOCLUSTER_FUSED"] = "1" if on else "0"
+PATHS = ("fused", "fused-attn", "reference")  # all fused; fused attention, mx-ops encode; plain mx
+
+
+def set_path(path):
+    os.environ["TURBOCLUSTER_FUSED"] = "0" if path == "reference" else "1"
+    os.environ["TURBOCLUSTER_FUSED_ENCODE"] = "1" if path == "fused" else "0"
 
 
 def time_decode(model, cache, tokens):
@@ -99,17 +107,18 @@ def time_decode(model, cache, tokens):
     return (tokens + 1) / dt, 1000 * host / tokens, mx.get_peak_memory(), first
 
 
-def bench_decode(model, contexts, caches, tokens, weights, reference=True):
+def bench_decode(model, contexts, caches, tokens, weights, paths=PATHS):
     rows = []
     time_decode(model, CACHES["fp16"](model), 4)  # warm the GPU up before the first timed row
     for ctx in contexts:
         base = None
         for name in caches:
             logits = {}
-            for path in (("fp16",) if name == "fp16" else ("fused", "reference") if reference else ("fused",)):
-                set_fused(path != "reference")
+            for path in (("fp16",) if name == "fp16" else paths):
+                set_path(path)
                 cache = CACHES[name](model)
-                mx.random.seed(ctx)  # the same cache contents on both paths
+                factory.warm_up_gpu(model, cache)  # compile and self-check now, as a node does at session open
+                mx.random.seed(ctx)  # the same cache contents on every path
                 fill(cache, model, ctx)
                 tps, host_ms, peak, logits[path] = time_decode(model, cache, tokens)
                 if name == "fp16":
@@ -117,15 +126,16 @@ def bench_decode(model, contexts, caches, tokens, weights, reference=True):
                 row = dict(kind="decode", weights=weights, cache=name, path=path, context=ctx, tokens_per_s=round(tps, 2),
                            vs_fp16=round(tps / base, 3) if base else None, host_ms=round(host_ms, 2),
                            kv_mib=round(kv_nbytes(cache) / 2**20, 1), peak_gib=round(peak / 2**30, 2))
-                if path == "reference":  # first step's logits, fused vs reference, same cache contents
-                    diff = mx.abs(logits["fused"] - logits["reference"]).max() / mx.abs(logits["reference"]).max()
+                if path != "fused" and "fused" in logits:  # first step's logits vs the all-fused path, same cache contents
+                    diff = mx.abs(logits["fused"] - logits[path]).max() / mx.abs(logits[path]).max()
                     row["logits_rel_diff_fused"] = float(diff.item())
+                    logits[path] = None
                 print(row, flush=True)
                 rows.append(row)
                 del cache
                 gc.collect()
                 mx.clear_cache()
-    set_fused(True)
+    set_path("fused")
     return rows
 
 
@@ -171,12 +181,30 @@ def bench_attention(contexts):
     return rows
 
 
-def bench_prefill(model, caches, n_tokens, weights, chunk=2048):
+def bench_encode(token_counts, widths=((4, 4), (3, 3), (5, 3))):
+    """Encoding new keys and values of one layer (8 kv heads x 128): one fused launch vs the mx-ops encode."""
+    rows = []
+    from turbocluster.kernels import turboquant as tq
+
+    for n in token_counts:
+        k = mx.random.normal((1, 8, n, 128)).astype(mx.float16)
+        v = mx.random.normal((1, 8, n, 128)).astype(mx.float16)
+        mx.eval(k, v)
+        for kb, vb in widths:
+            t_ops = _bench(lambda: tq.encode(k, kb) + tq.encode(v, vb))
+            t_fused = _bench(lambda: fused.encode_kv(k, v, kb, vb))
+            rows.append(dict(kind="encode", cache=f"k{kb}v{vb}", tokens=n, mx_ops_us=round(t_ops * 1e6, 1),
+                             fused_us=round(t_fused * 1e6, 1), speedup=round(t_ops / t_fused, 2)))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def bench_prefill(model, caches, n_tokens, weights, chunk=2048, paths=PATHS):
     rows, base = [], None
     prompt = mx.random.randint(0, model.args.vocab_size, (1, n_tokens))
     for name in caches:
-        for path in (("fp16",) if name == "fp16" else ("fused", "reference")):
-            set_fused(path != "reference")
+        for path in (("fp16",) if name == "fp16" else paths):
+            set_path(path)
             best = None
             for _ in range(2):  # the first round compiles
                 cache = CACHES[name](model)
@@ -198,7 +226,7 @@ def bench_prefill(model, caches, n_tokens, weights, chunk=2048):
             rows.append(dict(kind="prefill", weights=weights, cache=name, path=path, tokens=n_tokens, tokens_per_s=round(tps, 1),
                              vs_fp16=round(tps / base, 3), peak_gib=round(peak / 2**30, 2)))
             print(rows[-1], flush=True)
-    set_fused(True)
+    set_path("fused")
     return rows
 
 
@@ -206,12 +234,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="1024,8192,32768", help="decode context lengths")
     p.add_argument("--attention-contexts", default="32768,131072", help="context lengths of the one-layer attention rows ('' skips)")
+    p.add_argument("--encode-tokens", default="1,2048", help="token counts of the encode rows ('' skips)")
     p.add_argument("--caches", default=",".join(CACHES), help=f"caches, from {','.join(CACHES)}")
     p.add_argument("--tokens", type=int, default=16, help="decode steps timed per row")
     p.add_argument("--prefill", type=int, default=4096, help="prompt tokens for the prefill rows (0 skips)")
     p.add_argument("--layers", type=int, default=32, help="transformer layers (32 is Llama-3.1-8B)")
     p.add_argument("--weights", default="fp16", help="fp16, q4 or both comma-separated")
-    p.add_argument("--no-reference", action="store_true", help="skip the plain-mx reference rows (fused and fp16 only)")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"TurboQuant paths per cache, from {','.join(PATHS)}")
     p.add_argument("--json", action="store_true", help="print one JSON document at the end")
     a = p.parse_args()
     if fused.backend() is None:
@@ -221,16 +250,21 @@ def main():
     if unknown:
         raise SystemExit(f"bench_gpu: unknown caches {unknown}; choose from {list(CACHES)}")
     contexts = [int(c) for c in a.contexts.split(",") if c]
+    paths = [p for p in a.paths.split(",") if p]
+    if not paths or any(p not in PATHS for p in paths):
+        raise SystemExit(f"bench_gpu: --paths takes some of {','.join(PATHS)}, got {a.paths!r}")
     info = dict(device=mx.device_info().get("device_name"), mlx=mx.__version__, layers=a.layers, tokens=a.tokens)
     print(info, flush=True)
     rows = []
     if a.attention_contexts:
         rows += bench_attention([int(c) for c in a.attention_contexts.split(",")])
+    if a.encode_tokens:
+        rows += bench_encode([int(c) for c in a.encode_tokens.split(",")])
     for weights in a.weights.split(","):
         model = build_model(a.layers, weights == "q4")
-        rows += bench_decode(model, contexts, caches, a.tokens, weights, reference=not a.no_reference)
+        rows += bench_decode(model, contexts, caches, a.tokens, weights, paths)
         if a.prefill:
-            rows += bench_prefill(model, caches, a.prefill, weights)
+            rows += bench_prefill(model, caches, a.prefill, weights, paths=paths)
         del model
         gc.collect()
         mx.clear_cache()

@@ -117,10 +117,27 @@ def test_kernel_sources_render_for_both_backends():
     from turbocluster.kernels import fused_source as src
 
     for kind, barrier in (("cuda", "__syncthreads()"), ("metal", "threadgroup_barrier(mem_flags::mem_threadgroup)")):
-        for body in (src.DECODE, src.COMBINE, src.DEQUANT):
+        for body in (src.DECODE, src.COMBINE, src.DEQUANT, src.ENCODE):
             text = src.render(body, kind)
             assert "$" not in text
         assert barrier in src.render(src.DECODE, kind) and barrier in src.render(src.COMBINE, kind)
+
+
+@pytest.mark.parametrize("dim", [64, 80, 128, 256])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_encode_twin_agrees_with_the_codec(bits, dim, on_cpu):
+    """The fused encode's mx twin (kernel order) gives the codec's codes up to float rounding at boundaries."""
+    mx.random.seed(bits * 1000 + dim)
+    x = (mx.random.normal((2, 3, 150, dim)) * 3).astype(mx.float16)
+    mean = x[:, :, :1] * 0.5
+    for m in (None, mean):
+        want = tq.encode(x if m is None else x.astype(mx.float32) - m.astype(mx.float32), bits)
+        got = fused.reference_encode(x, bits, m)
+        idx_want, idx_got = tq.unpack(want[0], bits, dim), tq.unpack(got[0], bits, dim)
+        assert (idx_want != idx_got).sum().item() <= 2  # of 90,000-230,000 coordinates
+        assert mx.allclose(got[1].astype(mx.float32), want[1].astype(mx.float32), rtol=2e-3, atol=0)  # an ulp or two of float16.item()
+    # a broken twin is caught: the codes of another width, or of unrotated vectors, differ
+    assert not mx.array_equal(fused.reference_encode(x, bits)[0], tq.pack(tq.quantize(x.astype(mx.float32), bits), bits)).item()
 
 
 @pytest.mark.skipif(GPU is not None, reason="checks the CPU fallback")
@@ -164,8 +181,7 @@ def test_fused_decode_context_lengths(T):
 @pytest.mark.parametrize("bits", tq.SUPPORTED_BITS)
 @pytest.mark.parametrize("dim", [80, 128])
 def test_fused_dequantize_is_bit_identical(bits, dim):
-    mx.random.seed(bits + dim)
-    kv = fused._random_packed(2, 3, 41, dim, bits, cap=64)
+    kv = fused._random_packed(2, 3, 41, dim, bits, cap=64, keys=fused._keys(bits + dim))
     for dtype in (mx.float32, mx.float16) if bits != 4 else (mx.float32, mx.float16, mx.bfloat16):
         assert mx.array_equal(fused.dequantize(kv, dtype, GPU), fused.reference_dequantize(kv, dtype)).item()
 
@@ -186,3 +202,58 @@ def test_hook_sends_packed_kv_to_the_fused_path():
     assert att.gpu_attention(q, keys, values, 128**-0.5, None) is not None
     got = att.scaled_dot_product_attention(q, keys, values, cache=None, scale=128**-0.5, mask=None)
     _close(got, _reference(q, keys, values, None), 2e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "kb,vb,dk,dv",  # every width 2-8 and head dims 64/80/128/256, one compiled variant each
+    [(2, 2, 64, 64), (3, 3, 128, 128), (4, 4, 128, 128), (5, 3, 128, 128), (6, 7, 256, 256), (8, 8, 64, 64), (4, 2, 80, 128), (3, 5, 256, 256)],
+)
+def test_fused_encode_is_bit_identical(kb, vb, dk, dv):
+    mx.random.seed(kb * 100 + vb * 10 + dk)
+    for dtype in (mx.float16, mx.bfloat16, mx.float32):
+        k = (mx.random.normal((2, 3, 70, dk)) * 2).astype(dtype)
+        v = mx.random.normal((2, 3, 71, dv)).astype(dtype)[:, :, 1:]  # strided
+        for means in ((None, None), (k[:, :, :1].astype(mx.float16), v[:, :, 2:3].astype(mx.float16))):
+            got = fused.encode_kv(k, v, kb, vb, *means, kind=GPU)
+            with mx.stream(mx.cpu):
+                want = fused.reference_encode(k, kb, means[0]) + fused.reference_encode(v, vb, means[1])
+                mx.eval(want)
+            for a, b in zip(got, want):
+                assert a.shape == b.shape and a.dtype == b.dtype
+                assert mx.array_equal(a, b).item()
+
+
+@needs_gpu
+def test_cache_encodes_on_the_gpu_in_one_launch_and_attends_as_the_reference():
+    from turbocluster.runtime.cache.turbo_cache import TurboQuantKVCache
+
+    mx.random.seed(11)
+    k = mx.random.normal((1, 8, 300, 128)).astype(mx.float16)
+    v = mx.random.normal((1, 8, 300, 128)).astype(mx.float16)
+    q = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
+    cache = TurboQuantKVCache(k_bits=5, v_bits=3, key_mean=True)
+    assert cache._fused_encode(k[:, :, :1], v[:, :, :1]) is not None  # the fused path applies here
+    cache = TurboQuantKVCache(k_bits=5, v_bits=3, key_mean=True)
+    keys, values = cache.update_and_fetch(k[:, :, :299], v[:, :, :299])
+    keys, values = cache.update_and_fetch(k[:, :, 299:], v[:, :, 299:])
+    want_k = fused.reference_encode(k, 5, cache.key_mean)
+    with mx.stream(mx.cpu):
+        want_k = fused.reference_encode(k, 5, cache.key_mean)
+        want_v = fused.reference_encode(v, 3)
+        mx.eval(want_k, want_v)
+    assert mx.array_equal(keys.packed, want_k[0]).item() and mx.array_equal(values.packed, want_v[0]).item()
+    got = att.scaled_dot_product_attention(q, keys, values, cache=None, scale=128**-0.5, mask=None)
+    _close(got, _reference(q.astype(mx.float32), keys, values, None), 2e-3)
+
+
+@needs_gpu
+def test_a_self_check_leaves_the_callers_random_stream_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOCLUSTER_SELFCHECK_DIR", str(tmp_path))
+    monkeypatch.setattr(fused_check, "_memory", {})
+    fused.encode_verdict.cache_clear()
+    mx.random.seed(5)
+    want = mx.random.normal((4,))
+    mx.random.seed(5)
+    assert fused.encode_verdict(GPU, 4, 3, 64, 64)  # runs the check: nothing stored in tmp_path yet
+    assert mx.array_equal(mx.random.normal((4,)), want).item()

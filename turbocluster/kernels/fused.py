@@ -31,6 +31,7 @@ with Metal's prelude, and it is used only after passing the same self-check.
 
 import functools
 import logging
+import math
 import os
 from typing import Callable, Optional
 
@@ -59,6 +60,13 @@ def backend() -> Optional[str]:
     return fast.backend()
 
 
+def encode_backend() -> Optional[str]:
+    """``backend()``, unless ``TURBOCLUSTER_FUSED_ENCODE=0`` keeps encoding on the mx-ops path (for comparisons)."""
+    if os.environ.get("TURBOCLUSTER_FUSED_ENCODE", "1") == "0":
+        return None
+    return backend()
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(kind):
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
@@ -77,6 +85,14 @@ def _kernels(kind):
             input_names=["acc", "ml", "vsign", "mean"],
             output_names=["out"],
             source=src.render(src.COMBINE, kind),
+            header=header,
+            ensure_row_contiguous=False,
+        ),
+        "encode": make(
+            name="turbo_fused_encode",
+            input_names=["k", "v", "kmean", "vmean", "ksign", "vsign", "kbs", "vbs", "kcb", "vcb", "kbd", "vbd", "root"],
+            output_names=["kp", "ks", "vp", "vs"],
+            source=src.render(src.ENCODE, kind),
             header=header,
             ensure_row_contiguous=False,
         ),
@@ -186,6 +202,108 @@ def decode_attention(queries, keys, values, scale, causal=False, kind=None, spli
     )[0]
 
 
+# --- encode ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _block_scales(dim):
+    """1/sqrt(block size) of each coordinate's Walsh-Hadamard block, float32 [dim]."""
+    out = []
+    for b in tq.rotation_blocks(dim):
+        out += [1 / math.sqrt(b)] * b
+    return mx.array(out, dtype=mx.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _bounds(bits):
+    return mx.array(tq.boundaries(bits), dtype=mx.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _roots(dk, dv):
+    return mx.array([math.sqrt(dk), math.sqrt(dv)], dtype=mx.float32)
+
+
+def _pow2(n):
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def encode_kv(keys, values, k_bits, v_bits, k_mean=None, v_mean=None, kind=None):
+    """TurboQuant-encode new keys and values ([B, H, n, dim], any float dtype) in one launch.
+
+    Returns ``(k_packed, k_scales, v_packed, v_scales)`` as ``turboquant.encode``
+    does (rotated, Lloyd-Max codebook, least-squares scale), after subtracting
+    ``k_mean``/``v_mean`` ([B, H, 1, dim]) when given. Bit for bit what
+    ``reference_encode`` computes from mx ops.
+    """
+    kind = kind or backend()
+    B, H, n, dk = keys.shape
+    dv = values.shape[-1]
+    if values.shape[:3] != keys.shape[:3]:
+        raise ValueError(f"keys {keys.shape} and values {values.shape} must agree on batch, heads and tokens")
+    nt = min(256, -(-max(dk, dv) // 32) * 32)
+    wk, wv = tq.packed_words(dk, k_bits), tq.packed_words(dv, v_bits)
+    return tuple(_kernels(kind)["encode"](
+        inputs=[keys, values, _no_mean() if k_mean is None else k_mean, _no_mean() if v_mean is None else v_mean,
+                _signs(dk), _signs(dv), _block_scales(dk), _block_scales(dv), _codebook(k_bits, None), _codebook(v_bits, None),
+                _bounds(k_bits), _bounds(v_bits), _roots(dk, dv)],
+        template=[("BK", k_bits), ("BV", v_bits), ("D", dk), ("DV", dv), ("P", _pow2(dk)), ("PV", _pow2(dv)), ("NT", nt),
+                  ("KMEAN", k_mean is not None), ("VMEAN", v_mean is not None)],
+        grid=(nt * max(B * H * n, 1), 2, 1),
+        threadgroup=(nt, 1, 1),
+        output_shapes=[(B, H, n, wk), (B, H, n, 1), (B, H, n, wv), (B, H, n, 1)],
+        output_dtypes=[mx.uint32, mx.float16, mx.uint32, mx.float16],
+    ))
+
+
+def _tree_sum(x):
+    """Sum over the last axis as pairwise halves (the kernel's order), zero-padded to a power of two."""
+    p = _pow2(x.shape[-1])
+    if p != x.shape[-1]:
+        x = mx.concatenate([x, mx.zeros((*x.shape[:-1], p - x.shape[-1]), dtype=x.dtype)], axis=-1)
+    while x.shape[-1] > 1:
+        h = x.shape[-1] // 2
+        x = x[..., :h] + x[..., h:]
+    return x
+
+
+def _butterflies(x):
+    """Unscaled Walsh-Hadamard transform of a power-of-two last axis, radix 2, smallest stride first."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    h = 1
+    while h < n:
+        x = x.reshape(*lead, n // (2 * h), 2, h)
+        a, c = x[..., 0, :], x[..., 1, :]
+        x = mx.stack([a + c, a - c], axis=-2).reshape(*lead, n)
+        h *= 2
+    return x
+
+
+def reference_encode(x, bits, mean=None):
+    """``encode_kv``'s steps for one of keys or values, spelled in mx ops in the kernel's order.
+
+    The same codes as ``turboquant.encode`` up to float rounding (a coordinate
+    within an ulp of a boundary may take the neighbouring index); exactly the
+    fused kernel's bits.
+    """
+    dim = x.shape[-1]
+    x = x.astype(mx.float32)
+    if mean is not None:
+        x = x - mean.astype(mx.float32)
+    x = x * _signs(dim)
+    parts, start = [], 0
+    for b in tq.rotation_blocks(dim):
+        parts.append(_butterflies(x[..., start : start + b]))
+        start += b
+    y = (mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]) * _block_scales(dim)
+    norm = mx.sqrt(_tree_sum(y * y))
+    u = y * (_roots(dim, dim)[0] / mx.maximum(norm, 1e-30))
+    idx = tq.quantize(u, bits)
+    c = mx.take(_codebook(bits, None), idx)
+    scale = _tree_sum(y * c) / mx.maximum(_tree_sum(c * c), 1e-30)
+    return tq.pack(idx, bits), scale.astype(mx.float16)
+
+
 # --- prefill -----------------------------------------------------------------------
 
 
@@ -237,25 +355,31 @@ class _Packed:
         self.codebook, self.rotated, self.mean = None, True, None
 
 
-def _random_packed(B, H, T, dim, bits, cap=None):
+def _keys(seed):
+    """Random keys for a self-check: its own stream, so a check never reseeds the caller's generator."""
+    return iter(mx.random.split(mx.random.key(seed), 16))
+
+
+def _random_packed(B, H, T, dim, bits, cap=None, keys=None):
+    keys = keys or _keys(0)
     words = tq.packed_words(dim, bits)
     cap = cap or T
-    hi = mx.random.randint(0, 1 << 16, (B, H, cap, words)).astype(mx.uint32)
-    lo = mx.random.randint(0, 1 << 16, (B, H, cap, words)).astype(mx.uint32)
+    hi = mx.random.randint(0, 1 << 16, (B, H, cap, words), key=next(keys)).astype(mx.uint32)
+    lo = mx.random.randint(0, 1 << 16, (B, H, cap, words), key=next(keys)).astype(mx.uint32)
     packed = (hi << 16) | lo  # uniform 32-bit words
-    scales = mx.random.uniform(0.05, 2.0, (B, H, cap, 1)).astype(mx.float16)
+    scales = mx.random.uniform(0.05, 2.0, (B, H, cap, 1), key=next(keys)).astype(mx.float16)
     # a slice of a larger buffer, as the cache hands it over
     return _Packed(packed[..., :T, :], scales[..., :T, :], bits, dim)
 
 
 def _check_decode(kind, bk, bv, dk, dv, rt, reference):
     def check():
-        mx.random.seed(7)
+        rand = _keys(7)
         T = 700  # several splits, a ragged last one
-        keys = _random_packed(1, 2, T, dk, bk, cap=768)
-        values = _random_packed(1, 2, T, dv, bv, cap=768)
+        keys = _random_packed(1, 2, T, dk, bk, cap=768, keys=rand)
+        values = _random_packed(1, 2, T, dv, bv, cap=768, keys=rand)
         for n_rep, L, causal in ((rt, 1, False), (1, rt, True)):
-            q = mx.random.normal((1, 2 * n_rep, L, dk))
+            q = mx.random.normal((1, 2 * n_rep, L, dk), key=next(rand))
             with mx.stream(mx.cpu):  # exact float32 (GPU matmuls may round through TF32)
                 want = reference(q, keys, values, scale=0.3, mask="causal" if causal else None)
                 mx.eval(want)
@@ -269,11 +393,28 @@ def _check_decode(kind, bk, bv, dk, dv, rt, reference):
 
 def _check_dequant(kind, bits, dim):
     def check():
-        mx.random.seed(8)
-        kv = _random_packed(2, 3, 37, dim, bits, cap=64)
+        kv = _random_packed(2, 3, 37, dim, bits, cap=64, keys=_keys(8))
         for dtype in (mx.float32, mx.float16):
             if not mx.array_equal(dequantize(kv, dtype, kind), reference_dequantize(kv, dtype)).item():
                 raise AssertionError(f"dequantize differs from the reference ({dtype})")
+
+    return check
+
+
+def _check_encode(kind, bk, bv, dk, dv):
+    def check():
+        rand = _keys(9)
+        k = (mx.random.normal((2, 3, 37, dk), key=next(rand)) * 2.5).astype(mx.float16)
+        v = mx.random.normal((2, 3, 41, dv), key=next(rand))[:, :, 3:]  # float32, a strided slice
+        k = mx.concatenate([k, mx.zeros((2, 3, 1, dk), dtype=mx.float16)], axis=2)  # a zero vector
+        for k_mean, v_mean in ((None, None), (k[:, :, :1].astype(mx.float16) * 0.5, v[:, :, :1].astype(mx.float16))):
+            got = encode_kv(k, v, bk, bv, k_mean, v_mean, kind=kind)
+            with mx.stream(mx.cpu):
+                want = reference_encode(k, bk, k_mean) + reference_encode(v, bv, v_mean)
+                mx.eval(want)
+            for name, a, b in zip(("key words", "key scales", "value words", "value scales"), got, want):
+                if not mx.array_equal(a, b).item():
+                    raise AssertionError(f"encode {name} differ from the reference (means: {k_mean is not None})")
 
     return check
 
@@ -293,6 +434,14 @@ def _decode_verdict(kind, bk, bv, dk, dv, rt, reference):
     name = f"decode-k{bk}v{bv}-d{dk}x{dv}-r{rt}"
     source = src.HEADER[kind] + src.render(src.DECODE, kind) + src.render(src.COMBINE, kind)
     return fused_check.verdict(kind, name, source, _check_decode(kind, bk, bv, dk, dv, rt, reference))
+
+
+@functools.lru_cache(maxsize=None)
+def encode_verdict(kind: str, k_bits: int, v_bits: int, k_dim: int, v_dim: int) -> bool:
+    """Whether ``encode_kv`` passed its self-check for these widths and dims on this machine."""
+    name = f"encode-k{k_bits}v{v_bits}-d{k_dim}x{v_dim}"
+    source = src.HEADER[kind] + src.render(src.ENCODE, kind)
+    return fused_check.verdict(kind, name, source, _check_encode(kind, k_bits, v_bits, k_dim, v_dim))
 
 
 @functools.lru_cache(maxsize=None)
@@ -331,4 +480,5 @@ def warm_up(k_bits: int, v_bits: int, k_dim: int, v_dim: int, n_rep: int, refere
         return False
     keys = _Packed(None, None, k_bits, k_dim)
     values = _Packed(None, None, v_bits, v_dim)
-    return _decode_ok(kind, keys, values, _tile_rows(n_rep), reference) and _dequant_ok(kind, keys) and _dequant_ok(kind, values)
+    return (_decode_ok(kind, keys, values, _tile_rows(n_rep), reference) and _dequant_ok(kind, keys)
+            and _dequant_ok(kind, values) and encode_verdict(kind, k_bits, v_bits, k_dim, v_dim))

@@ -22,6 +22,7 @@ _PRELUDE = {
         "$SPTR": "",
         "$BARRIER": "__syncthreads()",
         "$UNROLL4": "#pragma unroll 4",
+        "$HALF": "__half",
     },
     "metal": {
         "$TID": "thread_position_in_threadgroup.x",
@@ -35,6 +36,7 @@ _PRELUDE = {
         "$SPTR": "threadgroup",
         "$BARRIER": "threadgroup_barrier(mem_flags::mem_threadgroup)",
         "$UNROLL4": "",
+        "$HALF": "half",
     },
 }
 
@@ -48,6 +50,12 @@ __device__ inline float tq_f(__half x) { return __half2float(x); }
 __device__ inline float tq_f(float x) { return x; }
 __device__ inline float tq_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ inline float tq_rsqrt(float x) { return rsqrtf(x); }
+// correctly rounded and never contracted into an FMA: the encode kernel must match mx ops bit for bit
+__device__ inline float tq_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ inline float tq_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ inline float tq_sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ inline float tq_div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ inline float tq_sqrt(float x) { return __fsqrt_rn(x); }
 __device__ inline float tq_warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
@@ -67,6 +75,11 @@ inline float tq_f(half x) { return float(x); }
 inline float tq_f(float x) { return x; }
 inline float tq_f(bfloat16_t x) { return float(x); }
 inline float tq_rsqrt(float x) { return metal::rsqrt(x); }
+inline float tq_mul(float a, float b) { return a * b; }
+inline float tq_add(float a, float b) { return a + b; }
+inline float tq_sub(float a, float b) { return a - b; }
+inline float tq_div(float a, float b) { return metal::precise::divide(a, b); }
+inline float tq_sqrt(float x) { return metal::precise::sqrt(x); }
 inline float tq_warp_max(float v) { return simd_max(v); }
 inline float tq_warp_sum(float v) { return simd_sum(v); }
 template <typename T> inline T tq_out(float v) { return static_cast<T>(v); }
@@ -457,6 +470,115 @@ $FWHT
     out[(long)row * DV + i] = tq_out<OutT>(x);
   }
 """
+
+# Encode of new keys and values in one launch (rotate, normalise, quantize, pack, scale):
+# one threadgroup of NT threads per vector, a thread per coordinate; grid y 0 = keys,
+# 1 = values. Template: BK, BV, D, DV (dims), P, PV (next powers of two), NT, KMEAN, VMEAN.
+# Inputs: k [B, H, n, D], v [B, H, n, DV] (any float dtype, any strides), kmean/vmean
+# [B, H, 1, dim] (read when KMEAN/VMEAN), ksign/vsign (the format's signs), kbs/vbs
+# (1/sqrt(block size) per coordinate), kcb/vcb (centroids), kbd/vbd (boundaries), root
+# ([sqrt(D), sqrt(DV)] as float32). Outputs kp [B, H, n, WK] uint32, ks [B, H, n, 1] half,
+# vp, vs. Every float step is a single correctly rounded operation in a fixed order
+# (butterflies, then pairwise tree sums), so ``fused.reference_encode``, the same steps
+# spelled in mx ops, gives the same bits.
+ENCODE = """
+  $SHARED float x_s[256];
+  $SHARED float a_s[256];
+  $SHARED float c_s[256];
+  $SHARED unsigned int i_s[256];
+  const int tid = $TID;
+  const int vec = $GX;
+  if ($GY == 0) {
+@SIDE_K
+  } else {
+@SIDE_V
+  }
+"""
+
+_ENCODE_SIDE = """
+    constexpr int DIM = @DIM;
+    constexpr int PW = @P;
+    constexpr int BITS = @BITS;
+    constexpr int W = (DIM * BITS + 31) / 32;
+    constexpr int ROWS = 1;
+    const int H = @X_shape[1];
+    const int n = @X_shape[2];
+    const int t = vec % n;
+    const int bh = vec / n;
+    const int h = bh % H;
+    const int b = bh / H;
+    $SPTR float* X = x_s;
+    for (int i = tid; i < DIM; i += NT) {
+      float x = tq_f(@X[(long)b * @X_strides[0] + (long)h * @X_strides[1] + (long)t * @X_strides[2] + (long)i * @X_strides[3]]);
+      if (@MEAN) x = tq_sub(x, tq_f(@Xmean[(long)b * @Xmean_strides[0] + (long)h * @Xmean_strides[1] + (long)i * @Xmean_strides[3]]));
+      X[i] = tq_mul(x, @Xsign[i]);
+    }
+$FWHT
+    for (int i = tid; i < PW; i += NT) {
+      float y = 0.0f;
+      if (i < DIM) {
+        y = tq_mul(X[i], @Xbs[i]);
+        X[i] = y;
+      }
+      a_s[i] = tq_mul(y, y);
+    }
+    for (int st = PW / 2; st > 0; st >>= 1) {
+      $BARRIER;
+      for (int i = tid; i < st; i += NT) a_s[i] = tq_add(a_s[i], a_s[i + st]);
+    }
+    $BARRIER;
+    const float inv = tq_div(root[@R], tq_max(tq_sqrt(a_s[0]), 1e-30f));
+    $BARRIER;
+    for (int i = tid; i < PW; i += NT) {
+      float yc = 0.0f, cc = 0.0f;
+      if (i < DIM) {
+        const float y = X[i];
+        const float u = tq_mul(y, inv);
+        unsigned int idx = 0;
+        for (int j = 0; j < (1 << BITS) - 1; ++j) idx += (u > @Xbd[j]) ? 1u : 0u;
+        const float c = @Xcb[idx];
+        i_s[i] = idx;
+        yc = tq_mul(y, c);
+        cc = tq_mul(c, c);
+      }
+      a_s[i] = yc;
+      c_s[i] = cc;
+    }
+    for (int st = PW / 2; st > 0; st >>= 1) {
+      $BARRIER;
+      for (int i = tid; i < st; i += NT) {
+        a_s[i] = tq_add(a_s[i], a_s[i + st]);
+        c_s[i] = tq_add(c_s[i], c_s[i + st]);
+      }
+    }
+    $BARRIER;
+    if (tid == 0) @Xs[vec] = tq_out<$HALF>(tq_div(a_s[0], tq_max(c_s[0], 1e-30f)));
+    for (int k = tid; k < W; k += NT) {
+      unsigned int word = 0u;
+      const int first = (32 * k) / BITS;
+      const int last = min((32 * k + 31) / BITS, DIM - 1);
+      for (int i = first; i <= last; ++i) {
+        const int off = i * BITS - 32 * k;
+        word |= (off >= 0) ? (i_s[i] << off) : (i_s[i] >> (-off));
+      }
+      @Xp[(long)vec * W + k] = word;
+    }
+"""
+
+
+def _encode_source():
+    sides = {}
+    for name, x, dim, p, bits, mean, r in (("K", "k", "D", "P", "BK", "KMEAN", 0), ("V", "v", "DV", "PV", "BV", "VMEAN", 1)):
+        body = _ENCODE_SIDE.replace("$FWHT", _FWHT)
+        for a, b in (("@Xmean", x + "mean"), ("@Xsign", x + "sign"), ("@Xbs", x + "bs"), ("@Xbd", x + "bd"), ("@Xcb", x + "cb"),
+                     ("@Xs", x + "s"), ("@Xp", x + "p"), ("@X", x), ("@DIM", dim), ("@P", p), ("@BITS", bits),
+                     ("@MEAN", mean), ("@R", str(r))):
+            body = body.replace(a, b)
+        sides[name] = body
+    return ENCODE.replace("@SIDE_K", sides["K"]).replace("@SIDE_V", sides["V"])
+
+
+ENCODE = _encode_source()
 
 DECODE = DECODE.replace("$FWHT", _FWHT)
 COMBINE = COMBINE.replace("$FWHT", _FWHT)

@@ -234,6 +234,11 @@ def gpu_attention(queries, keys: PackedKV, values: PackedKV, scale, mask):
     return fused_gpu.attention(queries, keys, values, scale, mask, reference=turbo_scaled_dot_product_attention)
 
 
+def gpu_warm_up(k_bits: int, v_bits: int, k_dim: int, v_dim: int, n_rep: int) -> bool:
+    """Compile and self-check the fused kernels a cache of these widths will use (before its first step)."""
+    return fused_gpu.warm_up(k_bits, v_bits, k_dim, v_dim, n_rep, reference=turbo_scaled_dot_product_attention)
+
+
 # --- the hook ------------------------------------------------------------------------
 
 _original_sdpa = None

@@ -10,11 +10,14 @@ the packed attention does not read (gpt-oss).
 """
 
 import logging
+from typing import List
 
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import CacheList, KVCache
 
 from ..model import shard
+from . import attention
 from .config import CacheConfig, CacheConfigError
 from .turbo_cache import TurboQuantKVCache
 
@@ -54,7 +57,22 @@ def make_caches(model, cache=None, max_context=None):
             out.append(c)
         else:
             out.append(_packed(c, config, i))
+    warm_up_gpu(model, out)
     return out
+
+
+def warm_up_gpu(model: nn.Module, caches: List) -> None:
+    """On a GPU, compile and self-check the fused kernels now, at session open, never inside a step."""
+    if attention.fused_gpu.backend() is None:
+        return
+    args = getattr(model, "args", None)
+    n_heads = getattr(args, "num_attention_heads", None)
+    if not n_heads:
+        return
+    n_kv = getattr(args, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // n_heads
+    for k_bits, v_bits in sorted({(c.k_bits, c.v_bits) for c in caches if isinstance(c, TurboQuantKVCache)}):
+        attention.gpu_warm_up(k_bits, v_bits, head_dim, head_dim, max(1, n_heads // n_kv))
 
 
 def _plain(c) -> bool:

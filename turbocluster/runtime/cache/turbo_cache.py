@@ -34,6 +34,7 @@ import mlx.nn as nn
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, _BaseCache, create_attention_mask
 
+from ...kernels import fused
 from ...kernels import turboquant as tq
 from . import attention, presets, recent
 from .state_schema import (  # noqa: F401  (re-exported: the schema's names as callers know them)
@@ -157,6 +158,22 @@ class TurboQuantKVCache(_BaseCache):
             keys = keys.astype(mx.float32) - self.key_mean.astype(mx.float32)
         return _encode(keys, self.k_bits, _codebook(self.codebook, self.k_bits))
 
+    def _fused_encode(self, keys, values):
+        """Keys and values encoded by one GPU launch (``fused.encode_kv``), or None where it does not apply."""
+        kind = fused.encode_backend()
+        if kind is None or self.codebook != "lloyd-max" or not self.rotate_values or keys.shape[2] == 0:
+            return None
+        dk, dv = keys.shape[-1], values.shape[-1]
+        if max(dk, dv) > fused.DECODE_MAX_DIM or not fused.encode_verdict(kind, self.k_bits, self.v_bits, dk, dv):
+            return None
+        if self.key_mean_enabled and self.key_mean is None:
+            self.key_mean = keys.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+        if self.value_mean_enabled and self.value_mean is None:
+            self.value_mean = values.astype(mx.float32).mean(axis=2, keepdims=True).astype(mx.float16)
+        return fused.encode_kv(keys, values, self.k_bits, self.v_bits,
+                               self.key_mean if self.key_mean_enabled else None,
+                               self.value_mean if self.value_mean_enabled else None, kind=kind)
+
     def _encode_values(self, values):
         if self.value_mean_enabled:
             if self.value_mean is None:
@@ -192,8 +209,10 @@ class TurboQuantKVCache(_BaseCache):
                 values = mx.concatenate([self.values[..., : self.offset, :], values], axis=2)
                 self.offset = 0
             self.keys = self.values = None
-        kp, ks = self._encode_keys(keys)
-        vp, vs = self._encode_values(values)
+        encoded = self._fused_encode(keys, values)
+        if encoded is None:
+            encoded = self._encode_keys(keys) + self._encode_values(values)
+        kp, ks, vp, vs = encoded
         first = self.offset
         self._append(self._PACKED, [kp, ks, vp, vs])
         if self.sinks or self.window:
