@@ -12,12 +12,16 @@ one encode launch and two attention launches a layer), fused attention with
 the mx-ops encode (``TURBOCLUSTER_FUSED_ENCODE=0``), and the plain-``mx``
 reference (``TURBOCLUSTER_FUSED=0``). Reported per
 row: tokens/s, the ratio to fp16 at the same context, host ms per step (time to
-build the step's graph, before evaluation), KV bytes and peak memory.
+build the step's graph, before evaluation), run ms per step (one built step
+evaluated alone: its kernel launches and GPU time), KV bytes and peak memory.
+A pipelined step takes about max(host + launches, GPU): where host_ms plus the
+launches nears the step time, the step is bound by Python, not by the GPU.
 
 ``encode`` rows time one layer's new keys and values encoded by the fused
 kernel against the mx-ops encode. ``attention`` rows time one layer's attention (32 query / 8 kv heads x 128)
 alone: fp16 ``mx.fast.scaled_dot_product_attention`` against the fused decode
-kernel, with GB/s on the bytes each reads. ``prefill`` rows time a prompt of
+kernel, with GB/s on the bytes each reads. Those rows time 50 calls' graphs
+built first (``host_us``) and then run in one go (``us``, the GPU's time). ``prefill`` rows time a prompt of
 ``--prefill`` tokens in chunks of 2048 (mlx-lm's prefill step) into an empty cache.
 """
 
@@ -104,12 +108,19 @@ def time_decode(model, cache, tokens):
         y = nxt
     y.item()
     dt = time.perf_counter() - t0
-    return (tokens + 1) / dt, 1000 * host / tokens, mx.get_peak_memory(), first
+    run, n_run = 0.0, 4
+    for _ in range(n_run):  # a step alone: launches and GPU time, nothing built meanwhile
+        nxt = step(y)
+        r0 = time.perf_counter()
+        mx.eval(nxt)
+        run += time.perf_counter() - r0
+        y = nxt
+    return (tokens + 1) / dt, 1000 * host / tokens, 1000 * run / n_run, mx.get_peak_memory(), first
 
 
 def bench_decode(model, contexts, caches, tokens, weights, paths=PATHS):
     rows = []
-    time_decode(model, CACHES["fp16"](model), 4)  # warm the GPU up before the first timed row
+    time_decode(model, CACHES["fp16"](model), 32)  # warm the GPU (and its clocks) up before the first timed row
     for ctx in contexts:
         base = None
         for name in caches:
@@ -120,11 +131,11 @@ def bench_decode(model, contexts, caches, tokens, weights, paths=PATHS):
                 factory.warm_up_gpu(model, cache)  # compile and self-check now, as a node does at session open
                 mx.random.seed(ctx)  # the same cache contents on every path
                 fill(cache, model, ctx)
-                tps, host_ms, peak, logits[path] = time_decode(model, cache, tokens)
+                tps, host_ms, run_ms, peak, logits[path] = time_decode(model, cache, tokens)
                 if name == "fp16":
                     base = tps
                 row = dict(kind="decode", weights=weights, cache=name, path=path, context=ctx, tokens_per_s=round(tps, 2),
-                           vs_fp16=round(tps / base, 3) if base else None, host_ms=round(host_ms, 2),
+                           vs_fp16=round(tps / base, 3) if base else None, host_ms=round(host_ms, 2), run_ms=round(run_ms, 2),
                            kv_mib=round(kv_nbytes(cache) / 2**20, 1), peak_gib=round(peak / 2**30, 2))
                 if path != "fused" and "fused" in logits:  # first step's logits vs the all-fused path, same cache contents
                     diff = mx.abs(logits["fused"] - logits[path]).max() / mx.abs(logits[path]).max()
@@ -140,15 +151,21 @@ def bench_decode(model, contexts, caches, tokens, weights, paths=PATHS):
 
 
 def _bench(fn, iters=50):
-    """Seconds per call, calls queued back to back (no sync between them, as in a forward pass)."""
+    """(host seconds to build one call's graph, seconds per call to run them), calls queued back to back.
+
+    The two are timed apart: the graphs of all calls are built first, then run
+    in one go, so the second is the GPU's time (kernel launches overlapping it)
+    and the first is what a forward pass spends in Python before the GPU sees the work.
+    """
     for _ in range(3):
         mx.eval(fn())
     mx.synchronize()
     t0 = time.perf_counter()
     outs = [fn() for _ in range(iters)]
+    t1 = time.perf_counter()
     mx.eval(outs)
     mx.synchronize()
-    return (time.perf_counter() - t0) / iters
+    return (t1 - t0) / iters, (time.perf_counter() - t1) / iters
 
 
 def bench_attention(contexts):
@@ -162,19 +179,21 @@ def bench_attention(contexts):
         k = mx.random.normal((1, n_kv, ctx, D)).astype(mx.float16)
         v = mx.random.normal((1, n_kv, ctx, D)).astype(mx.float16)
         mx.eval(k, v)
-        t = _bench(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5))
+        host, t = _bench(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5))
         nbytes = k.nbytes + v.nbytes
         base = t
-        rows.append(dict(kind="attention", cache="fp16", context=ctx, us=round(t * 1e6, 1), gb_s=round(nbytes / t / 1e9, 1), vs_fp16=1.0))
+        rows.append(dict(kind="attention", cache="fp16", context=ctx, us=round(t * 1e6, 1), gb_s=round(nbytes / t / 1e9, 1),
+                         vs_fp16=1.0, host_us=round(host * 1e6, 1)))
         print(rows[-1], flush=True)
         for name, (kb, vb) in (("turbo4", (4, 4)), ("turbo3", (3, 3)), ("k5v3", (5, 3))):
             kp, ks = tq.encode(k, kb)
             vp, vs = tq.encode(v, vb)
             keys, values = PackedKV(kp, ks, kb, D), PackedKV(vp, vs, vb, D)
             mx.eval(kp, ks, vp, vs)
-            t = _bench(lambda: fused.decode_attention(q, keys, values, D**-0.5))
+            host, t = _bench(lambda: fused.decode_attention(q, keys, values, D**-0.5))
             nbytes = sum(a.nbytes for a in (kp, ks, vp, vs))
-            rows.append(dict(kind="attention", cache=name, context=ctx, us=round(t * 1e6, 1), gb_s=round(nbytes / t / 1e9, 1), vs_fp16=round(base / t, 2)))
+            rows.append(dict(kind="attention", cache=name, context=ctx, us=round(t * 1e6, 1), gb_s=round(nbytes / t / 1e9, 1),
+                             vs_fp16=round(base / t, 2), host_us=round(host * 1e6, 1)))
             print(rows[-1], flush=True)
         del k, v
         mx.clear_cache()
@@ -191,10 +210,11 @@ def bench_encode(token_counts, widths=((4, 4), (3, 3), (5, 3))):
         v = mx.random.normal((1, 8, n, 128)).astype(mx.float16)
         mx.eval(k, v)
         for kb, vb in widths:
-            t_ops = _bench(lambda: tq.encode(k, kb) + tq.encode(v, vb))
-            t_fused = _bench(lambda: fused.encode_kv(k, v, kb, vb))
+            h_ops, t_ops = _bench(lambda: tq.encode(k, kb) + tq.encode(v, vb))
+            h_fused, t_fused = _bench(lambda: fused.encode_kv(k, v, kb, vb))
             rows.append(dict(kind="encode", cache=f"k{kb}v{vb}", tokens=n, mx_ops_us=round(t_ops * 1e6, 1),
-                             fused_us=round(t_fused * 1e6, 1), speedup=round(t_ops / t_fused, 2)))
+                             fused_us=round(t_fused * 1e6, 1), speedup=round(t_ops / t_fused, 2),
+                             mx_ops_host_us=round(h_ops * 1e6, 1), fused_host_us=round(h_fused * 1e6, 1)))
             print(rows[-1], flush=True)
     return rows
 
@@ -236,7 +256,7 @@ def main():
     p.add_argument("--attention-contexts", default="32768,131072", help="context lengths of the one-layer attention rows ('' skips)")
     p.add_argument("--encode-tokens", default="1,2048", help="token counts of the encode rows ('' skips)")
     p.add_argument("--caches", default=",".join(CACHES), help=f"caches, from {','.join(CACHES)}")
-    p.add_argument("--tokens", type=int, default=16, help="decode steps timed per row")
+    p.add_argument("--tokens", type=int, default=32, help="decode steps timed per row")
     p.add_argument("--prefill", type=int, default=4096, help="prompt tokens for the prefill rows (0 skips)")
     p.add_argument("--layers", type=int, default=32, help="transformer layers (32 is Llama-3.1-8B)")
     p.add_argument("--weights", default="fp16", help="fp16, q4 or both comma-separated")

@@ -84,6 +84,12 @@ def backend():
         return None
     if mx.default_device() != mx.gpu:
         return None
+    return _gpu_kind()
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_kind():
+    """Which GPU backend this MLX build has (asked once: it runs on every layer of every step)."""
     if mx.metal.is_available():
         return "metal"
     if hasattr(mx, "cuda") and mx.cuda.is_available():

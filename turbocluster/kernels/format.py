@@ -85,6 +85,7 @@ def packed_words(dim, bits):
     return -(-dim * bits // 32)
 
 
+@functools.lru_cache(maxsize=None)
 def dim_from_words(words, bits):
     """The head dim whose packed size is ``words`` (unique for multiples of 16)."""
     dim = (32 * words // bits) // MIN_BLOCK * MIN_BLOCK

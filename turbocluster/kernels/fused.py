@@ -163,6 +163,21 @@ def _finish(out, rotated, mean, dtype):
 # --- decode ------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _decode_plan(kind, bk, bv, dk, dv, k_codebook, v_codebook, scale, rt, L, causal, rotated, v_rotated, has_mean, dtype):
+    """Everything of a decode launch that does not depend on the context length, made once per variant.
+
+    Decode runs on every layer of every step; building these lists per call was
+    a measurable part of the step's host time.
+    """
+    kernels = _kernels(kind)
+    consts = [_codebook(bk, k_codebook, scale), _codebook(bv, v_codebook), _signs(dk)]
+    template = [("BK", bk), ("BV", bv), ("D", dk), ("DV", dv), ("RT", rt), ("NT", THREADS), ("TMAX", TOKENS_MAX),
+                ("L", L), ("CAUSAL", causal), ("ROT", rotated)]
+    combine_template = [("DV", dv), ("NT", COMBINE_THREADS), ("ROT", v_rotated), ("MEAN", has_mean), ("OutT", dtype)]
+    return kernels["decode"], consts, template, kernels["combine"], _signs(dv), combine_template
+
+
 def decode_attention(queries, keys, values, scale, causal=False, kind=None, splits=None):
     """softmax(scale q k^T) v for a few query rows per kv head, read from packed K/V in two kernels.
 
@@ -179,25 +194,24 @@ def decode_attention(queries, keys, values, scale, causal=False, kind=None, spli
     splits = splits or _splits(T, B * n_kv * tiles)
     if not -(-T // TOKENS_MAX) <= splits <= max(T, 1):
         raise ValueError(f"splits must be in [{-(-T // TOKENS_MAX)}, {T}] for {T} tokens, got {splits}")
-    kernels = _kernels(kind)
-    acc, ml = kernels["decode"](
-        inputs=[queries, keys.packed, keys.scales, values.packed, values.scales,
-                _codebook(keys.bits, keys.codebook, float(scale)), _codebook(values.bits, values.codebook), _signs(D)],
-        template=[("BK", keys.bits), ("BV", values.bits), ("D", D), ("DV", values.dim), ("RT", rt), ("NT", THREADS),
-                  ("TMAX", TOKENS_MAX), ("L", L), ("CAUSAL", bool(causal and L > 1)), ("ROT", bool(keys.rotated))],
+    mean, dv = values.mean, values.dim
+    decode, consts, template, combine, v_signs, combine_template = _decode_plan(
+        kind, keys.bits, values.bits, D, dv, keys.codebook, values.codebook, float(scale), rt, L,
+        bool(causal and L > 1), bool(keys.rotated), bool(values.rotated), mean is not None, queries.dtype)
+    acc, ml = decode(
+        inputs=[queries, keys.packed, keys.scales, values.packed, values.scales, *consts],
+        template=template,
         grid=(THREADS * splits, B * n_kv, tiles),
         threadgroup=(THREADS, 1, 1),
-        output_shapes=[(B * n_kv, rows, splits, values.dim), (B * n_kv, rows, splits, 2)],
+        output_shapes=[(B * n_kv, rows, splits, dv), (B * n_kv, rows, splits, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    mean = values.mean
-    return kernels["combine"](
-        inputs=[acc, ml, _signs(values.dim), _no_mean() if mean is None else mean],
-        template=[("DV", values.dim), ("NT", COMBINE_THREADS), ("ROT", bool(values.rotated)), ("MEAN", mean is not None),
-                  ("OutT", queries.dtype)],
+    return combine(
+        inputs=[acc, ml, v_signs, _no_mean() if mean is None else mean],
+        template=combine_template,
         grid=(COMBINE_THREADS * B * n_kv * rows, 1, 1),
         threadgroup=(COMBINE_THREADS, 1, 1),
-        output_shapes=[(B, n_q, L, values.dim)],
+        output_shapes=[(B, n_q, L, dv)],
         output_dtypes=[queries.dtype],
     )[0]
 
@@ -228,6 +242,18 @@ def _pow2(n):
     return 1 << max(0, (n - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=None)
+def _encode_plan(kind, k_bits, v_bits, dk, dv, has_k_mean, has_v_mean):
+    """The constant inputs and template of an encode launch, made once per variant (it runs every layer, every step)."""
+    nt = min(256, -(-max(dk, dv) // 32) * 32)
+    consts = [_signs(dk), _signs(dv), _block_scales(dk), _block_scales(dv), _codebook(k_bits, None), _codebook(v_bits, None),
+              _bounds(k_bits), _bounds(v_bits), _roots(dk, dv)]
+    template = [("BK", k_bits), ("BV", v_bits), ("D", dk), ("DV", dv), ("P", _pow2(dk)), ("PV", _pow2(dv)), ("NT", nt),
+                ("KMEAN", has_k_mean), ("VMEAN", has_v_mean)]
+    dtypes = [mx.uint32, mx.float16, mx.uint32, mx.float16]
+    return _kernels(kind)["encode"], consts, template, nt, tq.packed_words(dk, k_bits), tq.packed_words(dv, v_bits), dtypes
+
+
 def encode_kv(keys, values, k_bits, v_bits, k_mean=None, v_mean=None, kind=None):
     """TurboQuant-encode new keys and values ([B, H, n, dim], any float dtype) in one launch.
 
@@ -241,18 +267,16 @@ def encode_kv(keys, values, k_bits, v_bits, k_mean=None, v_mean=None, kind=None)
     dv = values.shape[-1]
     if values.shape[:3] != keys.shape[:3]:
         raise ValueError(f"keys {keys.shape} and values {values.shape} must agree on batch, heads and tokens")
-    nt = min(256, -(-max(dk, dv) // 32) * 32)
-    wk, wv = tq.packed_words(dk, k_bits), tq.packed_words(dv, v_bits)
-    return tuple(_kernels(kind)["encode"](
-        inputs=[keys, values, _no_mean() if k_mean is None else k_mean, _no_mean() if v_mean is None else v_mean,
-                _signs(dk), _signs(dv), _block_scales(dk), _block_scales(dv), _codebook(k_bits, None), _codebook(v_bits, None),
-                _bounds(k_bits), _bounds(v_bits), _roots(dk, dv)],
-        template=[("BK", k_bits), ("BV", v_bits), ("D", dk), ("DV", dv), ("P", _pow2(dk)), ("PV", _pow2(dv)), ("NT", nt),
-                  ("KMEAN", k_mean is not None), ("VMEAN", v_mean is not None)],
+    kernel, consts, template, nt, wk, wv, dtypes = _encode_plan(
+        kind, k_bits, v_bits, dk, dv, k_mean is not None, v_mean is not None)
+    no_mean = _no_mean()
+    return tuple(kernel(
+        inputs=[keys, values, no_mean if k_mean is None else k_mean, no_mean if v_mean is None else v_mean, *consts],
+        template=template,
         grid=(nt * max(B * H * n, 1), 2, 1),
         threadgroup=(nt, 1, 1),
         output_shapes=[(B, H, n, wk), (B, H, n, 1), (B, H, n, wv), (B, H, n, 1)],
-        output_dtypes=[mx.uint32, mx.float16, mx.uint32, mx.float16],
+        output_dtypes=dtypes,
     ))
 
 
